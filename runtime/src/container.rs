@@ -1,0 +1,569 @@
+//! A container: its init, its exec processes, its cgroups, driven through libcontainer.
+//!
+//! Calls that clone (create, exec) go through the single-threaded helper
+//! ([`crate::helper`]); calls that only touch files and send signals (start, pause,
+//! resume, delete) run libcontainer in a blocking task of the shim itself.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, info, warn};
+
+use crate::cgroups::{self, CgroupPaths};
+use crate::error::{Error, Result};
+use crate::exits::ExitWatcher;
+use crate::helper::Request;
+use crate::io::{ProcessIo, StdioConfig};
+use crate::process::{ExitInfo, Process, ProcessState, Status};
+use crate::spawn::call_helper;
+
+/// How long Delete waits for a process's output to drain before closing the streams.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
+
+/// What happens to containers, reported to the shim, which turns these into events.
+#[derive(Debug, Clone)]
+pub enum RuntimeEvent {
+    Exit {
+        container_id: String,
+        exec_id: String,
+        pid: u32,
+        exit: ExitInfo,
+    },
+    Oom {
+        container_id: String,
+    },
+}
+
+/// Everything needed to create a container.
+#[derive(Debug, Clone)]
+pub struct CreateConfig {
+    pub id: String,
+    pub bundle: PathBuf,
+    /// libcontainer's state root (one directory per container below it).
+    pub state_root: PathBuf,
+    pub stdio: StdioConfig,
+    pub no_pivot: bool,
+}
+
+/// A created container.
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    state_root: PathBuf,
+    exits: ExitWatcher,
+    events: UnboundedSender<RuntimeEvent>,
+    init: Arc<Process>,
+    execs: Mutex<HashMap<String, Exec>>,
+    cgroups: CgroupPaths,
+}
+
+struct Exec {
+    process: Arc<Process>,
+    /// JSON of the OCI process to run, kept until start.
+    spec: Vec<u8>,
+}
+
+impl Container {
+    /// Creates the container; its init waits for [`Container::start`].
+    pub async fn create(
+        cfg: CreateConfig,
+        exits: ExitWatcher,
+        events: UnboundedSender<RuntimeEvent>,
+    ) -> Result<Arc<Container>> {
+        let config_json = cfg.bundle.join("config.json");
+        if !config_json.exists() {
+            return Err(Error::NotFound(format!(
+                "OCI runtime create failed: bundle {}: config.json not found",
+                cfg.bundle.display()
+            )));
+        }
+        std::fs::create_dir_all(&cfg.state_root)
+            .map_err(|e| Error::io("create state root", &cfg.state_root, e))?;
+        let init = Arc::new(Process::new("", cfg.stdio.clone()));
+        let (mut io, child) = ProcessIo::prepare(&cfg.stdio, &std::env::temp_dir())?;
+        let req = Request::Create {
+            id: cfg.id.clone(),
+            bundle: cfg.bundle.clone(),
+            root: cfg.state_root.clone(),
+            stdio: child.fds(),
+            console_socket: child.console_socket.clone(),
+            no_pivot: cfg.no_pivot,
+            join_unified: cgroups::mode() == cgroups::Mode::Hybrid,
+        };
+        let pid = match call_helper(&exits, &req, &child.inherit()).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                io.close();
+                // A half-created container must not linger in libcontainer's state.
+                let _ = force_delete(cfg.state_root.clone(), cfg.id.clone()).await;
+                return Err(e);
+            }
+        };
+        drop(child);
+        init.set_pid(pid);
+        let exit_rx = exits.register(pid);
+        io.start(&cfg.stdio).await?;
+        *init.io.lock().await = Some(io);
+        let cgroups = CgroupPaths::of_pid(pid).unwrap_or_default();
+        let container = Arc::new(Container {
+            id: cfg.id,
+            bundle: cfg.bundle,
+            state_root: cfg.state_root,
+            exits,
+            events,
+            init,
+            execs: Mutex::default(),
+            cgroups,
+        });
+        container.watch_oom();
+        let c = container.clone();
+        tokio::spawn(async move {
+            let status = exit_rx.await.unwrap_or(255);
+            c.on_init_exit(status as u32).await;
+        });
+        info!(container = %container.id, pid, "created");
+        Ok(container)
+    }
+
+    fn watch_oom(&self) {
+        let events = self.events.clone();
+        let id = self.id.clone();
+        if let Err(e) = cgroups::oom::watch(&self.cgroups, move || {
+            let _ = events.send(RuntimeEvent::Oom {
+                container_id: id.clone(),
+            });
+        }) {
+            debug!(container = %self.id, "no OOM notifications: {e}");
+        }
+    }
+
+    /// The init exited: stop whatever is left in the container, let the execs' exits
+    /// be reported first (as the stock shim does), then report the init's.
+    async fn on_init_exit(&self, status: u32) {
+        let _ = self.signal_all(Signal::SIGKILL);
+        let running: Vec<Arc<Process>> = self
+            .execs()
+            .into_iter()
+            .filter(|p| p.status() != Status::Stopped && p.pid() > 0)
+            .collect();
+        for p in running {
+            let _ = tokio::time::timeout(Duration::from_secs(2), p.wait()).await;
+        }
+        let exit = self.init.set_exited(status);
+        let pid = self.init.pid().max(0) as u32;
+        info!(container = %self.id, pid, status, "init exited");
+        let _ = self.events.send(RuntimeEvent::Exit {
+            container_id: self.id.clone(),
+            exec_id: String::new(),
+            pid,
+            exit,
+        });
+    }
+
+    fn execs(&self) -> Vec<Arc<Process>> {
+        self.lock_execs()
+            .values()
+            .map(|e| e.process.clone())
+            .collect()
+    }
+
+    fn lock_execs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Exec>> {
+        self.execs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The process `exec_id` names (the init for an empty id).
+    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.lock_execs()
+            .get(exec_id)
+            .map(|e| e.process.clone())
+            .ok_or_else(|| Error::NotFound(format!("process {exec_id} does not exist")))
+    }
+
+    pub fn init_pid(&self) -> i32 {
+        self.init.pid()
+    }
+
+    pub fn state(&self, exec_id: &str) -> Result<ProcessState> {
+        Ok(self.process(exec_id)?.state())
+    }
+
+    /// Starts the init (empty `exec_id`) or a created exec process; returns its pid.
+    pub async fn start(&self, exec_id: &str) -> Result<i32> {
+        if !exec_id.is_empty() {
+            return self.start_exec(exec_id).await;
+        }
+        self.init.check_start()?;
+        let (root, id) = (self.state_root.clone(), self.id.clone());
+        blocking(move || {
+            let mut c = load(&root, &id)?;
+            c.start()
+                .map_err(|e| runtime_err("OCI runtime start failed", e))
+        })
+        .await?;
+        self.init.set_status(Status::Running);
+        Ok(self.init.pid())
+    }
+
+    /// Registers an exec process; it runs at [`Container::start`] with its id.
+    pub fn add_exec(&self, exec_id: &str, spec: Vec<u8>, stdio: StdioConfig) -> Result<()> {
+        if self.init.status() == Status::Stopped {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is stopped",
+                self.id
+            )));
+        }
+        let mut execs = self.lock_execs();
+        if execs.contains_key(exec_id) {
+            return Err(Error::AlreadyExists(format!("id {exec_id}")));
+        }
+        execs.insert(
+            exec_id.to_string(),
+            Exec {
+                process: Arc::new(Process::new(exec_id, stdio)),
+                spec,
+            },
+        );
+        Ok(())
+    }
+
+    async fn start_exec(&self, exec_id: &str) -> Result<i32> {
+        let (process, spec) = {
+            let execs = self.lock_execs();
+            let e = execs
+                .get(exec_id)
+                .ok_or_else(|| Error::NotFound(format!("process {exec_id} does not exist")))?;
+            (e.process.clone(), e.spec.clone())
+        };
+        process.check_start()?;
+        if self.init.status() == Status::Stopped {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running",
+                self.id
+            )));
+        }
+        let spec_file = self.bundle.join(format!(".exec-{exec_id}.json"));
+        std::fs::write(&spec_file, &spec)
+            .map_err(|e| Error::io("write exec process spec", &spec_file, e))?;
+        let (mut io, child) = ProcessIo::prepare(&process.stdio, &std::env::temp_dir())?;
+        let req = Request::Exec {
+            id: self.id.clone(),
+            root: self.state_root.clone(),
+            process: spec_file.clone(),
+            stdio: child.fds(),
+            console_socket: child.console_socket.clone(),
+        };
+        let res = call_helper(&self.exits, &req, &child.inherit()).await;
+        let _ = std::fs::remove_file(&spec_file);
+        drop(child);
+        let pid = match res {
+            Ok(pid) => pid,
+            Err(e) => {
+                io.close();
+                // The stock shim leaves a failed exec stopped with status 255? No: it
+                // reports the error and the process stays unstartable; remove it so the
+                // id can be reused after delete.
+                process.set_exited(255);
+                return Err(e);
+            }
+        };
+        process.set_pid(pid);
+        let exit_rx = self.exits.register(pid);
+        io.start(&process.stdio).await?;
+        *process.io.lock().await = Some(io);
+        process.set_status(Status::Running);
+        let events = self.events.clone();
+        let (cid, eid, p) = (self.id.clone(), exec_id.to_string(), process.clone());
+        tokio::spawn(async move {
+            let status = exit_rx.await.unwrap_or(255) as u32;
+            let exit = p.set_exited(status);
+            debug!(container = %cid, exec = %eid, pid, status, "exec exited");
+            let _ = events.send(RuntimeEvent::Exit {
+                container_id: cid,
+                exec_id: eid,
+                pid: pid as u32,
+                exit,
+            });
+        });
+        Ok(pid)
+    }
+
+    /// Sends `signal` to the process, or with `all` to every process of the container.
+    pub fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let p = self.process(exec_id)?;
+        let sig = Signal::try_from(signal as i32)
+            .map_err(|_| Error::InvalidArgument(format!("invalid signal {signal}")))?;
+        if all && exec_id.is_empty() {
+            if p.status() == Status::Stopped {
+                return Err(Error::NotFound("process already finished".into()));
+            }
+            self.signal_all(sig)?;
+        } else {
+            p.check_kill()?;
+            match kill(Pid::from_raw(p.pid()), sig) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::ESRCH) => {
+                    return Err(Error::NotFound("process already finished".into()));
+                }
+                Err(e) => return Err(Error::sys(format!("kill {} with {sig}", p.pid()), e)),
+            }
+        }
+        // A frozen v1 cgroup would hold SIGKILL until thawed: thaw it, as runc does.
+        if sig == Signal::SIGKILL && self.init.status() == Status::Paused {
+            let (root, id) = (self.state_root.clone(), self.id.clone());
+            let init = self.init.clone();
+            tokio::spawn(async move {
+                if blocking(move || {
+                    load(&root, &id)?
+                        .resume()
+                        .map_err(|e| runtime_err("resume", e))
+                })
+                .await
+                .is_ok()
+                {
+                    init.set_status(Status::Running);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn signal_all(&self, sig: Signal) -> Result<()> {
+        let pids = match self.cgroups.procs() {
+            Ok(p) => p,
+            Err(_) => vec![self.init.pid()],
+        };
+        for pid in pids.into_iter().filter(|p| *p > 0) {
+            match kill(Pid::from_raw(pid), sig) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => warn!(container = %self.id, pid, "kill {sig}: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn pause(&self) -> Result<()> {
+        match self.init.status() {
+            Status::Running => {}
+            Status::Created => {
+                return Err(Error::State("cannot pause task in created state".into()))
+            }
+            Status::Paused => return Err(Error::State("cannot pause a paused container".into())),
+            Status::Stopped => return Err(Error::State("cannot pause a stopped container".into())),
+        }
+        let (root, id) = (self.state_root.clone(), self.id.clone());
+        blocking(move || {
+            load(&root, &id)?
+                .pause()
+                .map_err(|e| runtime_err("OCI runtime pause failed", e))
+        })
+        .await?;
+        self.init.set_status(Status::Paused);
+        Ok(())
+    }
+
+    pub async fn resume(&self) -> Result<()> {
+        match self.init.status() {
+            Status::Paused => {}
+            Status::Created => {
+                return Err(Error::State("cannot resume task in created state".into()))
+            }
+            Status::Running => return Err(Error::State("cannot resume a running process".into())),
+            Status::Stopped => {
+                return Err(Error::State("cannot resume a stopped container".into()))
+            }
+        }
+        let (root, id) = (self.state_root.clone(), self.id.clone());
+        blocking(move || {
+            load(&root, &id)?
+                .resume()
+                .map_err(|e| runtime_err("OCI runtime resume failed", e))
+        })
+        .await?;
+        self.init.set_status(Status::Running);
+        Ok(())
+    }
+
+    /// Deletes an exec process (which must have exited) and returns how it ended.
+    pub async fn delete_exec(&self, exec_id: &str) -> Result<(u32, ExitInfo)> {
+        let p = self.process(exec_id)?;
+        match p.status() {
+            Status::Running | Status::Paused => {
+                return Err(Error::State("cannot delete a running process".into()));
+            }
+            Status::Created | Status::Stopped => {}
+        }
+        self.finish_io(&p).await;
+        self.lock_execs().remove(exec_id);
+        let exit = p.exit().unwrap_or(ExitInfo {
+            status: 0,
+            at: std::time::SystemTime::now(),
+        });
+        Ok((p.pid().max(0) as u32, exit))
+    }
+
+    /// Deletes the container: its init must have exited (or never started). Cleans up
+    /// libcontainer's state and the cgroups.
+    pub async fn delete(&self) -> Result<(u32, ExitInfo)> {
+        match self.init.status() {
+            Status::Running => return Err(Error::State("cannot delete a running process".into())),
+            Status::Paused => return Err(Error::State("cannot delete a paused process".into())),
+            Status::Created => {
+                let _ = self.signal_all(Signal::SIGKILL);
+                if tokio::time::timeout(Duration::from_secs(10), self.init.wait())
+                    .await
+                    .is_err()
+                {
+                    return Err(Error::Other(format!(
+                        "container {} init did not die",
+                        self.id
+                    )));
+                }
+            }
+            Status::Stopped => {}
+        }
+        let _ = self.signal_all(Signal::SIGKILL);
+        for p in self.execs() {
+            self.finish_io(&p).await;
+        }
+        self.lock_execs().clear();
+        self.finish_io(&self.init).await;
+        force_delete(self.state_root.clone(), self.id.clone()).await?;
+        if let Err(e) = self.cgroups.remove_hybrid_unified() {
+            warn!(container = %self.id, "{e}");
+        }
+        let exit = self.init.exit().unwrap_or(ExitInfo {
+            status: 0,
+            at: std::time::SystemTime::now(),
+        });
+        Ok((self.init.pid().max(0) as u32, exit))
+    }
+
+    async fn finish_io(&self, p: &Process) {
+        let mut guard = p.io.lock().await;
+        if let Some(io) = guard.as_mut() {
+            if p.status() == Status::Stopped {
+                io.wait_output(OUTPUT_DRAIN).await;
+            }
+            io.close();
+        }
+        *guard = None;
+    }
+
+    pub async fn close_stdin(&self, exec_id: &str) -> Result<()> {
+        let p = self.process(exec_id)?;
+        let mut guard = p.io.lock().await;
+        if let Some(io) = guard.as_mut() {
+            io.close_stdin().await;
+        }
+        Ok(())
+    }
+
+    pub async fn resize_pty(&self, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        let p = self.process(exec_id)?;
+        let guard = p.io.lock().await;
+        match guard.as_ref() {
+            Some(io) => io.resize(width, height),
+            None => Err(Error::NotFound(format!(
+                "process {exec_id} has no terminal"
+            ))),
+        }
+    }
+
+    /// Pids of every process in the container, with the exec id of those that are execs.
+    pub fn pids(&self) -> Result<Vec<(u32, Option<String>)>> {
+        let execs: HashMap<i32, String> = self
+            .lock_execs()
+            .iter()
+            .filter(|(_, e)| e.process.pid() > 0)
+            .map(|(id, e)| (e.process.pid(), id.clone()))
+            .collect();
+        let pids = self.cgroups.procs()?;
+        Ok(pids
+            .into_iter()
+            .map(|p| (p as u32, execs.get(&p).cloned()))
+            .collect())
+    }
+
+    /// Metrics in containerd's cgroups format.
+    pub fn stats(&self) -> Result<containerd_shim_protos::protobuf::well_known_types::any::Any> {
+        cgroups::stats::collect(&self.cgroups)
+    }
+
+    /// Applies new resource limits (a JSON `LinuxResources`).
+    pub async fn update(&self, resources_json: Vec<u8>) -> Result<()> {
+        if self.init.status() == Status::Stopped {
+            return Err(Error::State("cannot update a stopped container".into()));
+        }
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&resources_json)
+            .map_err(|e| Error::InvalidArgument(format!("malformed resources: {e}")))?;
+        let (root, id) = (self.state_root.clone(), self.id.clone());
+        blocking(move || {
+            let c = load(&root, &id)?;
+            let cfg = c
+                .spec()
+                .map_err(|e| runtime_err("load container config", e))?;
+            let manager =
+                libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+                    cgroup_path: cfg.cgroup_path.clone(),
+                    systemd_cgroup: false,
+                    container_name: id.clone(),
+                })
+                .map_err(|e| Error::Other(format!("cgroup manager for {id}: {e}")))?;
+            use libcgroups::common::CgroupManager;
+            manager
+                .apply(&libcgroups::common::ControllerOpt {
+                    resources: &resources,
+                    disable_oom_killer: false,
+                    oom_score_adj: None,
+                    freezer_state: None,
+                })
+                .map_err(|e| Error::Other(format!("OCI runtime update failed: {e}")))
+        })
+        .await
+    }
+
+    /// The bundle directory.
+    pub fn bundle(&self) -> &Path {
+        &self.bundle
+    }
+}
+
+fn load(root: &Path, id: &str) -> Result<libcontainer::container::Container> {
+    let dir = root.join(id);
+    libcontainer::container::Container::load(dir.clone())
+        .map_err(|e| Error::NotFound(format!("container {id} state in {}: {e}", dir.display())))
+}
+
+fn runtime_err(context: &str, e: libcontainer::error::LibcontainerError) -> Error {
+    Error::Runtime {
+        context: context.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Removes libcontainer's state of `id` (and its cgroups), killing what is left.
+pub async fn force_delete(root: PathBuf, id: String) -> Result<()> {
+    blocking(move || {
+        if !root.join(&id).exists() {
+            return Ok(());
+        }
+        let mut c = load(&root, &id)?;
+        c.delete(true)
+            .map_err(|e| runtime_err("OCI runtime delete failed", e))
+    })
+    .await
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Other(format!("blocking task failed: {e}")))?
+}

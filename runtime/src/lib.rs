@@ -1,0 +1,35 @@
+//! Containers for the runc-architect shim, run by embedded libcontainer.
+//!
+//! Data flows containerd → shim (ttrpc, events) → this crate → libcontainer / cgroups /
+//! (later) CRIU and the checkpoint store. The crate owns:
+//!
+//! - [`container`]: one container, its init and exec processes, and the stock shim's
+//!   state machine (created → running ⇄ paused → stopped);
+//! - [`helper`] and [`spawn`]: libcontainer's create and exec clone their caller, so
+//!   they run in a single-threaded re-execution of the shim binary, never in the
+//!   multi-threaded shim itself;
+//! - [`exits`]: every child is reaped by the shim crate's reaper; exits are routed to
+//!   the process that owns the pid;
+//! - [`io`]: stdio as pipes or a pty owned by the shim, copied to containerd's FIFOs;
+//! - [`cgroups`]: host layout (v1, hybrid, v2), stats in containerd's format, OOM;
+//! - [`rootfs`]: mounting the rootfs containerd hands over.
+//!
+//! Freezing idle containers and checkpointing them (hibernation) build on the same
+//! pieces: the v2 cgroup every container gets (also on hybrid hosts), pipes instead of
+//! host fds for stdio, and exit tracking that does not care who spawned a process.
+
+pub mod cgroups;
+pub mod container;
+pub mod error;
+pub mod exits;
+pub mod helper;
+pub mod io;
+pub mod process;
+pub mod rootfs;
+pub mod spawn;
+
+pub use container::{Container, CreateConfig, RuntimeEvent};
+pub use error::{Error, ErrorKind, Result};
+pub use exits::ExitWatcher;
+pub use io::StdioConfig;
+pub use process::{ExitInfo, ProcessState, Status};

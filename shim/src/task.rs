@@ -1,0 +1,555 @@
+//! The task API (containerd's `containerd.task.v2.Task` over ttrpc).
+//!
+//! Each method maps a request onto [`runc_architect_runtime::Container`], publishes the
+//! event the stock shim publishes for it, and reports errors with the stock shim's
+//! status codes and wording (containerd's errdefs: "...: not found" and so on).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::api;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskIO, TaskPaused, TaskResumed,
+    TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::{Message, MessageField};
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext, Code};
+use containerd_shim::TtrpcResult;
+use runc_architect_runtime::rootfs::{self, RootfsMount};
+use runc_architect_runtime::{
+    Container, CreateConfig, ErrorKind, ExitWatcher, RuntimeEvent, Status, StdioConfig,
+};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::RwLock;
+use tracing::{info, instrument};
+
+use crate::events::{timestamp, Events};
+use crate::options::RuntimeOptions;
+
+/// File in the bundle recording the options a container was created with, so that the
+/// `delete` bootstrap command can clean up after a lost shim.
+pub const OPTIONS_FILE: &str = "runc-architect-options.json";
+
+/// The task service of one shim (one pod, or one container under plain containerd).
+pub struct TaskService {
+    namespace: String,
+    containers: RwLock<HashMap<String, Arc<Container>>>,
+    exits: ExitWatcher,
+    runtime_events: UnboundedSender<RuntimeEvent>,
+    events: Events,
+    exit: Arc<ExitSignal>,
+}
+
+impl TaskService {
+    pub fn new(
+        namespace: &str,
+        exits: ExitWatcher,
+        runtime_events: UnboundedSender<RuntimeEvent>,
+        events: Events,
+        exit: Arc<ExitSignal>,
+    ) -> TaskService {
+        TaskService {
+            namespace: namespace.to_string(),
+            containers: RwLock::default(),
+            exits,
+            runtime_events,
+            events,
+            exit,
+        }
+    }
+
+    async fn container(&self, id: &str) -> TtrpcResult<Arc<Container>> {
+        self.containers
+            .read()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| status(Code::NOT_FOUND, "container not created"))
+    }
+}
+
+/// A ttrpc error with containerd's errdefs wording for `code`.
+fn status(code: Code, msg: impl AsRef<str>) -> ttrpc::Error {
+    let suffix = match code {
+        Code::NOT_FOUND => "not found",
+        Code::ALREADY_EXISTS => "already exists",
+        Code::INVALID_ARGUMENT => "invalid argument",
+        Code::FAILED_PRECONDITION => "failed precondition",
+        Code::UNIMPLEMENTED => "not implemented",
+        _ => "",
+    };
+    let msg = msg.as_ref();
+    let text = if suffix.is_empty() || msg.ends_with(suffix) {
+        msg.to_string()
+    } else {
+        format!("{msg}: {suffix}")
+    };
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, text))
+}
+
+fn rt_err(e: runc_architect_runtime::Error) -> ttrpc::Error {
+    let code = match e.kind() {
+        ErrorKind::NotFound => Code::NOT_FOUND,
+        ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
+        ErrorKind::InvalidArgument => Code::INVALID_ARGUMENT,
+        ErrorKind::FailedPrecondition => Code::FAILED_PRECONDITION,
+        ErrorKind::Unimplemented => Code::UNIMPLEMENTED,
+        ErrorKind::Unknown => Code::UNKNOWN,
+    };
+    status(code, e.to_string())
+}
+
+fn task_status(s: Status) -> api::Status {
+    match s {
+        Status::Created => api::Status::CREATED,
+        Status::Running => api::Status::RUNNING,
+        Status::Paused => api::Status::PAUSED,
+        Status::Stopped => api::Status::STOPPED,
+    }
+}
+
+fn write_options_file(bundle: &Path, root: &Path) {
+    let body = serde_json::json!({ "root": root });
+    if let Err(e) = std::fs::write(bundle.join(OPTIONS_FILE), body.to_string()) {
+        tracing::warn!(bundle = %bundle.display(), "record options: {e}");
+    }
+}
+
+/// Reads the state root recorded at create (for the `delete` bootstrap command).
+pub fn read_options_file(bundle: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(bundle.join(OPTIONS_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("root")?.as_str().map(PathBuf::from)
+}
+
+#[async_trait]
+impl Task for TaskService {
+    #[instrument(skip_all, fields(id = %req.id))]
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let opts = RuntimeOptions::from_any(req.options.as_ref())
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        if opts.systemd_cgroup {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                "runtime option SystemdCgroup is not supported by runc-architect yet",
+            ));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(status(
+                Code::UNIMPLEMENTED,
+                "restore from a checkpoint is not supported yet",
+            ));
+        }
+        if self.containers.read().await.contains_key(&req.id) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("container {}", req.id),
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        if !bundle.is_dir() {
+            return Err(status(
+                Code::NOT_FOUND,
+                format!("bundle {} does not exist", req.bundle),
+            ));
+        }
+        let mounts: Vec<RootfsMount> = req
+            .rootfs
+            .iter()
+            .map(|m| RootfsMount {
+                fs_type: m.type_.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        if mounts.is_empty()
+            && !rootfs::rootfs_dir(&bundle).exists()
+            && !bundle.join("config.json").exists()
+        {
+            return Err(status(
+                Code::NOT_FOUND,
+                format!("bundle {}: no config.json and no rootfs", req.bundle),
+            ));
+        }
+        rootfs::mount(&bundle, &mounts).map_err(rt_err)?;
+        let state_root = opts.state_root(&self.namespace);
+        write_options_file(
+            &bundle,
+            &opts.root.clone().unwrap_or_else(|| {
+                state_root
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default()
+            }),
+        );
+        let stdio = StdioConfig {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let cfg = CreateConfig {
+            id: req.id.clone(),
+            bundle: bundle.clone(),
+            state_root,
+            stdio,
+            no_pivot: opts.no_pivot_root,
+        };
+        let container =
+            match Container::create(cfg, self.exits.clone(), self.runtime_events.clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    rootfs::unmount(&bundle);
+                    return Err(rt_err(e));
+                }
+            };
+        let pid = container.init_pid() as u32;
+        self.containers
+            .write()
+            .await
+            .insert(req.id.clone(), container);
+
+        let mut ev = TaskCreate::new();
+        ev.container_id = req.id.clone();
+        ev.bundle = req.bundle.clone();
+        ev.rootfs = req.rootfs.clone();
+        let mut io = TaskIO::new();
+        io.stdin = req.stdin.clone();
+        io.stdout = req.stdout.clone();
+        io.stderr = req.stderr.clone();
+        io.terminal = req.terminal;
+        ev.io = MessageField::some(io);
+        ev.checkpoint = req.checkpoint.clone();
+        ev.pid = pid;
+        self.events
+            .publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
+            .await;
+        info!(pid, "task created");
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let c = self.container(&req.id).await?;
+        let pid = c.start(&req.exec_id).await.map_err(rt_err)? as u32;
+        if req.exec_id.is_empty() {
+            let mut ev = TaskStart::new();
+            ev.container_id = req.id.clone();
+            ev.pid = pid;
+            self.events
+                .publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
+                .await;
+        } else {
+            let mut ev = TaskExecStarted::new();
+            ev.container_id = req.id.clone();
+            ev.exec_id = req.exec_id.clone();
+            ev.pid = pid;
+            self.events
+                .publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
+                .await;
+        }
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let c = self.container(&req.id).await?;
+        if !req.exec_id.is_empty() {
+            let (pid, exit) = c.delete_exec(&req.exec_id).await.map_err(rt_err)?;
+            return Ok(api::DeleteResponse {
+                pid,
+                exit_status: exit.status,
+                exited_at: MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            });
+        }
+        let (pid, exit) = c.delete().await.map_err(rt_err)?;
+        rootfs::unmount(c.bundle());
+        let _ = std::fs::remove_file(c.bundle().join(OPTIONS_FILE));
+        self.containers.write().await.remove(&req.id);
+        let mut ev = TaskDelete::new();
+        ev.container_id = req.id.clone();
+        ev.pid = pid;
+        ev.exit_status = exit.status;
+        ev.exited_at = MessageField::some(timestamp(exit.at));
+        self.events
+            .publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        })
+    }
+
+    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let c = self.container(&req.id).await?;
+        let s = c.state(&req.exec_id).map_err(rt_err)?;
+        let mut resp = api::StateResponse {
+            id: req.id.clone(),
+            bundle: c.bundle().to_string_lossy().into_owned(),
+            pid: s.pid,
+            status: task_status(s.status).into(),
+            stdin: s.stdio.stdin,
+            stdout: s.stdio.stdout,
+            stderr: s.stdio.stderr,
+            terminal: s.stdio.terminal,
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        if let Some(exit) = s.exit {
+            resp.exit_status = exit.status;
+            resp.exited_at = MessageField::some(timestamp(exit.at));
+        }
+        Ok(resp)
+    }
+
+    #[instrument(skip_all, fields(id = %req.id))]
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let c = self.container(&req.id).await?;
+        let pids = c.pids().map_err(rt_err)?;
+        let processes = pids
+            .into_iter()
+            .map(|(pid, exec_id)| {
+                let mut info = containerd_shim::protos::api::ProcessInfo {
+                    pid,
+                    ..Default::default()
+                };
+                if let Some(exec_id) = exec_id {
+                    let mut d = containerd_shim::protos::shim::oci::ProcessDetails::new();
+                    d.exec_id = exec_id;
+                    if let Ok(value) = d.write_to_bytes() {
+                        let mut any = Any::new();
+                        any.type_url = "containerd.runc.v1.ProcessDetails".into();
+                        any.value = value;
+                        info.info = MessageField::some(any);
+                    }
+                }
+                info
+            })
+            .collect();
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    #[instrument(skip_all, fields(id = %req.id))]
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id).await?;
+        c.pause().await.map_err(rt_err)?;
+        let mut ev = TaskPaused::new();
+        ev.container_id = req.id.clone();
+        self.events
+            .publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::Empty::new())
+    }
+
+    #[instrument(skip_all, fields(id = %req.id))]
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResumeRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id).await?;
+        c.resume().await.map_err(rt_err)?;
+        let mut ev = TaskResumed::new();
+        ev.container_id = req.id.clone();
+        self.events
+            .publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::Empty::new())
+    }
+
+    #[instrument(skip_all, fields(id = %req.id))]
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.container(&req.id).await?;
+        Err(status(
+            Code::UNIMPLEMENTED,
+            "checkpoint is not supported yet",
+        ))
+    }
+
+    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all))]
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id).await?;
+        c.kill(&req.exec_id, req.signal, req.all).map_err(rt_err)?;
+        Ok(api::Empty::new())
+    }
+
+    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id).await?;
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        if let Err(e) = serde_json::from_slice::<oci_spec::runtime::Process>(&spec) {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("malformed exec process spec: {e}"),
+            ));
+        }
+        let stdio = StdioConfig {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        c.add_exec(&req.exec_id, spec, stdio).map_err(rt_err)?;
+        let mut ev = TaskExecAdded::new();
+        ev.container_id = req.id.clone();
+        ev.exec_id = req.exec_id.clone();
+        self.events
+            .publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::Empty::new())
+    }
+
+    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id).await?;
+        c.resize_pty(&req.exec_id, req.width, req.height)
+            .await
+            .map_err(rt_err)?;
+        Ok(api::Empty::new())
+    }
+
+    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    async fn close_io(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CloseIORequest,
+    ) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id).await?;
+        if req.stdin {
+            c.close_stdin(&req.exec_id).await.map_err(rt_err)?;
+        }
+        Ok(api::Empty::new())
+    }
+
+    #[instrument(skip_all, fields(id = %req.id))]
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let c = self.container(&req.id).await?;
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        c.update(resources).await.map_err(rt_err)?;
+        Ok(api::Empty::new())
+    }
+
+    #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id))]
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let c = self.container(&req.id).await?;
+        let p = c.process(&req.exec_id).map_err(rt_err)?;
+        let exit = p.wait().await;
+        Ok(api::WaitResponse {
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        })
+    }
+
+    #[instrument(skip_all, fields(id = %req.id))]
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let c = self.container(&req.id).await?;
+        let stats = c.stats().map_err(rt_err)?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(stats),
+            ..Default::default()
+        })
+    }
+
+    #[instrument(skip_all, fields(id = %req.id))]
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = match self.containers.read().await.get(&req.id) {
+            Some(c) => c.init_pid().max(0) as u32,
+            None => 0,
+        };
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    #[instrument(skip_all)]
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> TtrpcResult<api::Empty> {
+        // A shim serving a pod stays up while any of its containers exists.
+        if self.containers.read().await.is_empty() {
+            self.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+}

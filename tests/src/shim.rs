@@ -1,0 +1,1 @@
+//! Driving a shim binary directly (being written).

@@ -1,0 +1,115 @@
+//! The differential conformance suite.
+//!
+//! One trial per (containerd version, scenario). Each trial runs its scenario under the stock
+//! runc shim (`io.containerd.runc.v2`) and under runc-architect
+//! (`io.containerd.runc-architect.v1`) against the same private containerd, normalizes what
+//! differs legitimately (container ids, namespace, runtime name, scratch paths, pids, times)
+//! and requires the observations to be identical; a failure prints the differences and both
+//! observations.
+//!
+//! One containerd per version serves the whole run (started on first use). Both versions are
+//! covered; a version that is not installed fails its trials unless `RA_ONLY_CONTAINERD=1.7`
+//! or `=2.1` restricts the run. The shim under test is `$RA_SHIM_BINARY` or the workspace's
+//! build (see `runc_architect_tests::paths::architect_shim`); `RA_SHIM_BINARY=stock` compares
+//! the stock shim with itself, which proves the harness.
+//!
+//! Trials run in parallel, two at a time unless `--test-threads` says otherwise.
+
+mod io;
+mod lifecycle;
+mod process;
+mod security;
+mod util;
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use libtest_mimic::{Arguments, Failed, Trial};
+use runc_architect_tests::diff::Observation;
+use runc_architect_tests::differential::{RunCtx, VersionEnv};
+use runc_architect_tests::Version;
+
+/// A scenario: observes what a ctr user sees.
+pub struct Scenario {
+    pub name: &'static str,
+    pub run: fn(&RunCtx) -> Result<Observation>,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let mut v = Vec::new();
+    v.extend(io::scenarios());
+    v.extend(process::scenarios());
+    v.extend(security::scenarios());
+    v.extend(lifecycle::scenarios());
+    v
+}
+
+/// A version's environment, started by the first trial that needs it.
+struct LazyEnv {
+    version: Version,
+    cell: Mutex<Option<Result<Arc<VersionEnv>, String>>>,
+}
+
+impl LazyEnv {
+    fn get(&self) -> Result<Arc<VersionEnv>, String> {
+        let mut g = self.cell.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            let r = self
+                .version
+                .check_installed()
+                .and_then(|_| VersionEnv::start(self.version))
+                .map(Arc::new)
+                .map_err(|e| format!("cannot set up {}: {e:#}", self.version));
+            *g = Some(r);
+        }
+        g.as_ref().expect("set above").clone()
+    }
+
+    fn shutdown(&self) {
+        let taken = self.cell.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(taken);
+    }
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    if args.test_threads.is_none() {
+        args.test_threads = Some(2);
+    }
+    let mut trials = Vec::new();
+    let mut envs = Vec::new();
+    match Version::selected() {
+        Ok(versions) => {
+            for version in versions {
+                let env = Arc::new(LazyEnv {
+                    version,
+                    cell: Mutex::new(None),
+                });
+                envs.push(env.clone());
+                for s in scenarios() {
+                    let env = env.clone();
+                    let run = s.run;
+                    let name = s.name;
+                    trials.push(Trial::test(
+                        format!("{}::{}", version, s.name),
+                        move || -> Result<(), Failed> {
+                            let e = env.get()?;
+                            e.compare(name, &run).map_err(|e| format!("{e:#}").into())
+                        },
+                    ));
+                }
+            }
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            trials.push(Trial::test("select-containerd-versions", move || {
+                Err(msg.clone().into())
+            }));
+        }
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
+    for e in &envs {
+        e.shutdown();
+    }
+    conclusion.exit();
+}
