@@ -47,6 +47,7 @@ pub async fn call_helper(exits: &ExitWatcher, req: &Request, inherit: &[RawFd]) 
             Ok(())
         });
     }
+    let started = std::time::Instant::now();
     let child = cmd
         .spawn()
         .map_err(|e| Error::io("start helper", &exe, e))?;
@@ -60,7 +61,7 @@ pub async fn call_helper(exits: &ExitWatcher, req: &Request, inherit: &[RawFd]) 
         .map_err(|_| Error::Other("exit monitor closed while waiting for the helper".into()))?;
     let out = drain(out_r);
     let err = drain(err_r);
-    debug!(pid, status, stderr = %err.trim(), "helper finished");
+    debug!(pid, status, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, stderr = %err.trim(), "helper finished");
     match serde_json::from_str::<Reply>(out.trim()) {
         Ok(Reply::Pid(pid)) if status == 0 => Ok(pid),
         Ok(Reply::Error(msg)) => Err(Error::Runtime {

@@ -16,6 +16,7 @@ mod logging;
 mod options;
 mod service;
 mod task;
+mod trim;
 
 /// The runtime type containerd knows us by.
 const RUNTIME_ID: &str = "io.containerd.runc-architect.v1";

@@ -31,6 +31,7 @@ use tracing::{info, instrument};
 
 use crate::events::{timestamp, Events};
 use crate::options::RuntimeOptions;
+use crate::trim::Trimmer;
 
 /// File in the bundle recording the options a container was created with, so that the
 /// `delete` bootstrap command can clean up after a lost shim.
@@ -44,6 +45,7 @@ pub struct TaskService {
     runtime_events: UnboundedSender<RuntimeEvent>,
     events: Events,
     exit: Arc<ExitSignal>,
+    trimmer: Trimmer,
 }
 
 impl TaskService {
@@ -61,10 +63,14 @@ impl TaskService {
             runtime_events,
             events,
             exit,
+            trimmer: Trimmer::start(),
         }
     }
 
+    /// The container `id`. Every request goes through here, so this is also where the
+    /// idle trimmer learns about activity.
     async fn container(&self, id: &str) -> TtrpcResult<Arc<Container>> {
+        self.trimmer.poke();
         self.containers
             .read()
             .await
@@ -150,6 +156,7 @@ impl Task for TaskService {
                 "restore from a checkpoint is not supported yet",
             ));
         }
+        self.trimmer.poke();
         if self.containers.read().await.contains_key(&req.id) {
             return Err(status(
                 Code::ALREADY_EXISTS,
