@@ -1,1 +1,41 @@
-fn main() {}
+//! `runc-architect`: the command line of runc-architect.
+
+mod store_cmd;
+
+use clap::{Parser, Subcommand};
+
+/// runc-architect: a containerd shim v2 that freezes idle containers, checkpoints them with
+/// CRIU into a content-addressed store and restores them on wake or on another node.
+#[derive(Parser, Debug)]
+#[command(name = "runc-architect", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Administer a checkpoint store (put, get, ls, inspect, verify, gc, stats, export, import).
+    Store(store_cmd::StoreArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Store(args) => store_cmd::run(args),
+    };
+    match res {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("runc-architect: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

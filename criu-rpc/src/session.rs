@@ -98,14 +98,28 @@ impl Session {
         handler: &mut H,
     ) -> Result<CriuResp> {
         let request = req.r#type();
-        let (answer, pending) = self.exchange(&req, handler).await?;
-        if let Some(err) = pending {
-            return Err(attach_answer(err, answer.as_ref(), None));
+        let span = self.span(request);
+        async move {
+            let (answer, pending) = self.exchange(&req, handler).await?;
+            if let Some(err) = pending {
+                return Err(attach_answer(err, answer.as_ref(), None));
+            }
+            match answer {
+                Some(resp) => Ok(resp),
+                None => Err(self.closed_error(request, None).await),
+            }
         }
-        match answer {
-            Some(resp) => Ok(resp),
-            None => Err(self.closed_error(request, None).await),
-        }
+        .instrument(span)
+        .await
+    }
+
+    fn span(&self, request: CriuReqType) -> tracing::Span {
+        tracing::info_span!(
+            "criu_request",
+            request = request.as_str_name(),
+            transport = self.transport,
+            criu_pid = self.criu_pid(),
+        )
     }
 
     /// Whether the following VERSION/FEATURE_CHECK requests ask CRIU to keep the
@@ -196,12 +210,7 @@ impl Session {
         handler: &mut H,
     ) -> Result<CriuResp> {
         let request = req.r#type();
-        let span = tracing::info_span!(
-            "criu_request",
-            request = request.as_str_name(),
-            transport = self.transport,
-            criu_pid = self.criu_pid(),
-        );
+        let span = self.span(request);
         async move {
             let started = Instant::now();
             let (answer, pending) = self.exchange(&req, handler).await?;

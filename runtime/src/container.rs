@@ -60,6 +60,9 @@ pub struct Container {
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Exec>>,
     cgroups: CgroupPaths,
+    /// Set for an init restored by CRIU at Create: it runs already, and the Start that
+    /// follows only reports it (see [`crate::checkpoint`]).
+    restored: std::sync::atomic::AtomicBool,
 }
 
 struct Exec {
@@ -119,6 +122,7 @@ impl Container {
             init,
             execs: Mutex::default(),
             cgroups,
+            restored: Default::default(),
         });
         container.watch_oom();
         let c = container.clone();
@@ -128,6 +132,38 @@ impl Container {
         });
         info!(container = %container.id, pid, "created");
         Ok(container)
+    }
+
+    /// Adopts an init that CRIU restored (see [`crate::checkpoint`]): it runs already, is
+    /// the shim's child, and `exited` is its registration with the [`ExitWatcher`]. From
+    /// here on it is tracked exactly like a created and started init.
+    pub(crate) fn adopt_restored(
+        cfg: CreateConfig,
+        init: Arc<Process>,
+        exited: tokio::sync::oneshot::Receiver<i32>,
+        exits: ExitWatcher,
+        events: UnboundedSender<RuntimeEvent>,
+    ) -> Arc<Container> {
+        let cgroups = CgroupPaths::of_pid(init.pid()).unwrap_or_default();
+        let container = Arc::new(Container {
+            id: cfg.id,
+            bundle: cfg.bundle,
+            state_root: cfg.state_root,
+            exits,
+            events,
+            init,
+            execs: Mutex::default(),
+            cgroups,
+            restored: std::sync::atomic::AtomicBool::new(true),
+        });
+        container.watch_oom();
+        let c = container.clone();
+        tokio::spawn(async move {
+            let status = exited.await.unwrap_or(255);
+            c.on_init_exit(status as u32).await;
+        });
+        info!(container = %container.id, pid = container.init.pid(), "restored");
+        container
     }
 
     fn watch_oom(&self) {
@@ -199,6 +235,12 @@ impl Container {
     pub async fn start(&self, exec_id: &str) -> Result<i32> {
         if !exec_id.is_empty() {
             return self.start_exec(exec_id).await;
+        }
+        if self
+            .restored
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(self.init.pid());
         }
         self.init.check_start()?;
         let (root, id) = (self.state_root.clone(), self.id.clone());

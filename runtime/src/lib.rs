@@ -19,6 +19,7 @@
 //! host fds for stdio, and exit tracking that does not care who spawned a process.
 
 pub mod cgroups;
+pub mod checkpoint;
 pub mod container;
 pub mod error;
 pub mod exits;

@@ -10,11 +10,13 @@
 //! Layout: [`service`] (bootstrap and grouping), [`task`] (the task API), [`events`],
 //! [`options`] (runtime options from containerd), [`logging`], [`info`] (`-info`).
 
+mod checkpoint;
 mod events;
 mod info;
 mod logging;
 mod options;
 mod service;
+mod store;
 mod task;
 mod trim;
 

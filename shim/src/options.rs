@@ -35,6 +35,9 @@ pub struct RuntimeOptions {
     pub store_config: Option<PathBuf>,
     pub criu_image_path: Option<PathBuf>,
     pub criu_work_path: Option<PathBuf>,
+    /// The CRIU binary for checkpoint/restore (runc-architect's own option; default:
+    /// `criu` from `$PATH` or the sbin directories).
+    pub criu_path: Option<PathBuf>,
 }
 
 /// A problem with the options; reported to containerd as InvalidArgument.
@@ -80,6 +83,9 @@ struct TomlOptions {
     criu_image_path: Option<PathBuf>,
     #[serde(rename = "CriuWorkPath")]
     criu_work_path: Option<PathBuf>,
+    /// runc-architect's own: the CRIU binary.
+    #[serde(rename = "CriuPath")]
+    criu_path: Option<PathBuf>,
     /// runc-architect's own: the node-level checkpoint store configuration.
     #[serde(rename = "StoreConfig")]
     store_config: Option<PathBuf>,
@@ -107,6 +113,7 @@ impl RuntimeOptions {
                     store_config: None,
                     criu_image_path: non_empty(&o.criu_image_path),
                     criu_work_path: non_empty(&o.criu_work_path),
+                    criu_path: None,
                 })
             }
             type_urls::RUNTIME_OPTIONS => {
@@ -143,6 +150,7 @@ impl RuntimeOptions {
             store_config: t.store_config,
             criu_image_path: t.criu_image_path,
             criu_work_path: t.criu_work_path,
+            criu_path: t.criu_path,
         })
     }
 

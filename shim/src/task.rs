@@ -29,8 +29,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::RwLock;
 use tracing::{info, instrument};
 
+use crate::checkpoint::{self, CriuRegistry};
 use crate::events::{timestamp, Events};
 use crate::options::RuntimeOptions;
+use crate::store::NodeStore;
 use crate::trim::Trimmer;
 
 /// File in the bundle recording the options a container was created with, so that the
@@ -46,6 +48,8 @@ pub struct TaskService {
     events: Events,
     exit: Arc<ExitSignal>,
     trimmer: Trimmer,
+    criu: CriuRegistry,
+    store: NodeStore,
 }
 
 impl TaskService {
@@ -64,6 +68,8 @@ impl TaskService {
             events,
             exit,
             trimmer: Trimmer::start(),
+            criu: CriuRegistry::default(),
+            store: NodeStore::default(),
         }
     }
 
@@ -150,13 +156,10 @@ impl Task for TaskService {
                 "runtime option SystemdCgroup is not supported by runc-architect yet",
             ));
         }
-        if !req.checkpoint.is_empty() {
-            return Err(status(
-                Code::UNIMPLEMENTED,
-                "restore from a checkpoint is not supported yet",
-            ));
-        }
         self.trimmer.poke();
+        if let Some(config) = &opts.store_config {
+            self.store.open(config).await.map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
+        }
         if self.containers.read().await.contains_key(&req.id) {
             return Err(status(
                 Code::ALREADY_EXISTS,
@@ -212,14 +215,26 @@ impl Task for TaskService {
             stdio,
             no_pivot: opts.no_pivot_root,
         };
-        let container =
-            match Container::create(cfg, self.exits.clone(), self.runtime_events.clone()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    rootfs::unmount(&bundle);
-                    return Err(rt_err(e));
-                }
-            };
+        let created = if req.checkpoint.is_empty() {
+            Container::create(cfg, self.exits.clone(), self.runtime_events.clone()).await
+        } else {
+            let restore = checkpoint::restore_config(cfg, &req.checkpoint, &opts);
+            runc_architect_runtime::checkpoint::restore(
+                restore,
+                self.exits.clone(),
+                self.runtime_events.clone(),
+            )
+            .await
+            .map_err(Into::into)
+        };
+        let container = match created {
+            Ok(c) => c,
+            Err(e) => {
+                rootfs::unmount(&bundle);
+                return Err(rt_err(e));
+            }
+        };
+        self.criu.remember(&req.id, &opts);
         let pid = container.init_pid() as u32;
         self.containers
             .write()
@@ -298,6 +313,7 @@ impl Task for TaskService {
         rootfs::unmount(c.bundle());
         let _ = std::fs::remove_file(c.bundle().join(OPTIONS_FILE));
         self.containers.write().await.remove(&req.id);
+        self.criu.forget(&req.id);
         let mut ev = TaskDelete::new();
         ev.container_id = req.id.clone();
         ev.pid = pid;
@@ -409,11 +425,12 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        self.container(&req.id).await?;
-        Err(status(
-            Code::UNIMPLEMENTED,
-            "checkpoint is not supported yet",
-        ))
+        let c = self.container(&req.id).await?;
+        let creq = checkpoint::checkpoint_request(&req, self.criu.get(&req.id))?;
+        runc_architect_runtime::checkpoint::checkpoint(&c, &self.exits, creq)
+            .await
+            .map_err(|e| rt_err(e.into()))?;
+        Ok(api::Empty::new())
     }
 
     #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all))]

@@ -3,7 +3,7 @@
 //! When the environment variable `RUNC_ARCHITECT_STORE_FAULT` is `NAME` or `NAME:N`, the
 //! process aborts (as abruptly as a SIGKILL: no destructors, no cleanup) the first (or N-th)
 //! time it reaches the fault point `NAME`. Points: `pack-append`, `pack-synced`,
-//! `packs-published`, `manifest-published`, `generation-published`, `gc-repack-published`,
+//! `packs-published`, `manifest-published`, `generation-published`, `latest-published`, `gc-repack-published`,
 //! `gc-manifest-rewritten`. Without the variable a point costs one relaxed atomic load.
 
 use std::sync::atomic::{AtomicU64, Ordering};

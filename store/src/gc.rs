@@ -111,30 +111,51 @@ pub(crate) fn gc(store: &Store, opts: &GcOptions) -> Result<GcReport> {
         }
     }
 
-    // 2. Quota: drop the oldest generations (non-latest first) until live bytes fit.
+    // 2. Quota: drop the oldest generations (non-latest first) until live bytes fit. Live
+    // bytes = what the store would take after a full repack: referenced records with their
+    // entry-table rows, pack headers and footers, and manifests.
     if let Some(max) = policy.max_bytes {
-        let mut refs: HashMap<(PackId, u64), (u64, u32)> = HashMap::new();
-        let mut manifest_bytes: HashMap<Digest, u64> = HashMap::new();
+        let mut refs: HashMap<(PackId, u64), (u64, u64)> = HashMap::new();
+        let mut pack_refs: HashMap<PackId, u64> = HashMap::new();
         let mut users: HashMap<Digest, u64> = HashMap::new();
         for gens in by_key.values() {
             for g in gens.iter().filter(|g| !g.remove) {
                 *users.entry(g.info.id).or_default() += 1;
             }
         }
-        let locs_of = |m: &Manifest| -> HashSet<(PackId, u64, u32)> {
+        let locs_of = |m: &Manifest| -> HashSet<(PackId, u64, u64)> {
+            let row = if m.header.encryption.is_some() {
+                80
+            } else {
+                48
+            };
             m.locs
                 .iter()
-                .map(|l| (m.packs[l.pack as usize], l.offset, l.stored_len))
+                .map(|l| {
+                    (
+                        m.packs[l.pack as usize],
+                        l.offset,
+                        u64::from(l.stored_len) + row,
+                    )
+                })
                 .collect()
         };
-        for (id, m) in &manifests {
-            manifest_bytes.insert(*id, m.encoded_len() as u64);
+        let mut live: u64 = 0;
+        for m in manifests.values() {
+            live += m.encoded_len() as u64;
             for (p, o, len) in locs_of(m) {
-                refs.entry((p, o)).or_insert((0, len)).0 += 1;
+                let r = refs.entry((p, o)).or_insert((0, len));
+                if r.0 == 0 {
+                    live += len;
+                    let pr = pack_refs.entry(p).or_default();
+                    if *pr == 0 {
+                        live += pack::OVERHEAD;
+                    }
+                    *pr += 1;
+                }
+                r.0 += 1;
             }
         }
-        let mut live: u64 = refs.values().map(|(_, l)| u64::from(*l)).sum::<u64>()
-            + manifest_bytes.values().sum::<u64>();
         let mut order: Vec<(bool, u64, CheckpointKey, u64, Digest)> = by_key
             .iter()
             .flat_map(|(k, gens)| {
@@ -173,7 +194,13 @@ pub(crate) fn gc(store: &Store, opts: &GcOptions) -> Result<GcReport> {
                     if let Some(r) = refs.get_mut(&(p, o)) {
                         r.0 -= 1;
                         if r.0 == 0 {
-                            live -= u64::from(r.1);
+                            live -= r.1;
+                            if let Some(pr) = pack_refs.get_mut(&p) {
+                                *pr -= 1;
+                                if *pr == 0 {
+                                    live -= pack::OVERHEAD;
+                                }
+                            }
                         }
                     }
                 }
@@ -181,45 +208,43 @@ pub(crate) fn gc(store: &Store, opts: &GcOptions) -> Result<GcReport> {
         }
     }
 
-    // 3. Remove generations, fix latest pointers.
+    // 3. Remove generations. The pointer moves first (to the newest kept generation, or 0),
+    // so a crash midway never shows a half-removed set; then the files go, with any
+    // uncommitted leftovers of dead writers.
     for (key, gens) in &by_key {
         let removed: Vec<&Gen> = gens.iter().filter(|g| g.remove).collect();
-        if removed.is_empty() {
-            continue;
-        }
         for g in &removed {
             report.removed_checkpoints.push(g.info.reference());
         }
         if opts.dry_run {
             continue;
         }
-        for g in &removed {
-            fsutil::remove_any(&layout.generation(key, g.info.generation))?;
-        }
-        match gens
+        let leftovers = index::uncommitted_generations(layout, key)?;
+        let kept = gens
             .iter()
             .filter(|g| !g.remove)
             .map(|g| g.info.generation)
-            .max()
-        {
-            Some(max) => {
-                let latest_removed = removed.iter().any(|g| g.info.latest);
-                if latest_removed {
-                    index::set_latest(layout, key, max)?;
+            .max();
+        if removed.is_empty() && leftovers.is_empty() && kept.is_some() {
+            continue;
+        }
+        let dir = layout.key_dir(key);
+        if removed.iter().any(|g| g.info.latest) || kept.is_none() {
+            index::set_latest(layout, key, kept.unwrap_or(0))?;
+        }
+        for g in removed.iter().map(|g| g.info.generation).chain(leftovers) {
+            fsutil::remove_any(&layout.generation(key, g))?;
+        }
+        fsutil::fsync_dir(&dir)?;
+        if kept.is_none() {
+            fsutil::remove_any(&layout.latest(key))?;
+            fsutil::remove_any(&layout.key_lock(key))?;
+            if std::fs::remove_dir(&dir).is_ok() {
+                if let Some(parent) = dir.parent() {
+                    fsutil::fsync_dir(parent)?;
                 }
             }
-            None => {
-                fsutil::remove_any(&layout.latest(key))?;
-                fsutil::remove_any(&layout.key_lock(key))?;
-                let _ = std::fs::remove_dir(layout.key_dir(key));
-            }
         }
-        fsutil::fsync_dir(&layout.key_dir(key)).or_else(|_| {
-            layout
-                .key_dir(key)
-                .parent()
-                .map_or(Ok(()), fsutil::fsync_dir)
-        })?;
     }
     let live_ids: HashSet<Digest> = by_key
         .values()

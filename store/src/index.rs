@@ -10,7 +10,8 @@
 //! Every file here is a checksummed record written to a temporary name, fsynced and
 //! published by link(2) (generations: never replacing one) or rename(2) (`.latest`), with the
 //! directory fsynced after. A generation record is only written once its manifest and every
-//! chunk are durable, so a visible generation is always complete.
+//! chunk are durable, and it becomes visible only when `.latest` is moved to it (the commit
+//! point): generations above the pointer are leftovers of dead writers, never visible.
 
 use std::path::{Path, PathBuf};
 
@@ -160,8 +161,8 @@ impl CheckpointInfo {
     }
 }
 
-/// Generation numbers present for a key, ascending.
-pub fn list_generations(layout: &Layout, key: &CheckpointKey) -> Result<Vec<u64>> {
+/// Generation files present for a key, ascending (committed or not).
+pub fn generation_files(layout: &Layout, key: &CheckpointKey) -> Result<Vec<u64>> {
     let dir = layout.key_dir(key);
     let rd = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,
@@ -184,6 +185,42 @@ pub fn list_generations(layout: &Layout, key: &CheckpointKey) -> Result<Vec<u64>
     Ok(gens)
 }
 
+/// The committed limit: generations up to the `.latest` pointer are visible. No pointer:
+/// nothing is committed yet. A damaged pointer (reported by `verify`): everything present.
+fn committed_limit(layout: &Layout, key: &CheckpointKey) -> Result<u64> {
+    let ptr = layout.latest(key);
+    match std::fs::read(&ptr) {
+        Ok(data) => match fsutil::decode_record::<LatestRecord>(&ptr, &data) {
+            Ok(rec) => Ok(rec.generation),
+            Err(e) => {
+                tracing::warn!(error = %e, "damaged latest pointer; treating every generation as committed");
+                Ok(u64::MAX)
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(StoreError::io("read", ptr, e)),
+    }
+}
+
+/// Visible (committed) generation numbers of a key, ascending.
+pub fn list_generations(layout: &Layout, key: &CheckpointKey) -> Result<Vec<u64>> {
+    let limit = committed_limit(layout, key)?;
+    Ok(generation_files(layout, key)?
+        .into_iter()
+        .filter(|g| *g <= limit)
+        .collect())
+}
+
+/// Generation files above the latest pointer: left by writers that died between writing
+/// the generation record and moving the pointer (the commit point). Never visible.
+pub fn uncommitted_generations(layout: &Layout, key: &CheckpointKey) -> Result<Vec<u64>> {
+    let limit = committed_limit(layout, key)?;
+    Ok(generation_files(layout, key)?
+        .into_iter()
+        .filter(|g| *g > limit)
+        .collect())
+}
+
 /// Reads a generation record.
 pub fn read_generation(layout: &Layout, key: &CheckpointKey, gen: u64) -> Result<GenRecord> {
     let path = layout.generation(key, gen);
@@ -197,22 +234,18 @@ pub fn read_generation(layout: &Layout, key: &CheckpointKey, gen: u64) -> Result
     Ok(rec)
 }
 
-/// The latest generation of a key: the `.latest` pointer when it names an existing
-/// generation, else the highest one present.
+/// The latest visible generation of a key.
 pub fn latest_generation(layout: &Layout, key: &CheckpointKey) -> Result<Option<u64>> {
-    let gens = list_generations(layout, key)?;
-    let ptr = layout.latest(key);
-    if let Ok(rec) = fsutil::read_record::<LatestRecord>(&ptr) {
-        if gens.binary_search(&rec.generation).is_ok() {
-            return Ok(Some(rec.generation));
-        }
-    }
-    Ok(gens.last().copied())
+    Ok(list_generations(layout, key)?.last().copied())
 }
 
 /// Publishes a new generation for `key` pointing at a durable manifest; returns its number.
-/// Concurrent writers of one key serialise on the key's flock; link(2) additionally refuses
-/// to replace an existing generation.
+///
+/// Under the key's flock: leftovers of dead writers above the pointer are removed, the
+/// generation record is created (link(2): never replacing one), and the `.latest` pointer is
+/// moved to it: that rename is the commit point. A crash before it leaves the new
+/// generation invisible (and removed by the next writer or gc); a crash after it leaves it
+/// committed.
 pub fn publish_generation(
     layout: &Layout,
     key: &CheckpointKey,
@@ -223,6 +256,13 @@ pub fn publish_generation(
     let dir = layout.key_dir(key);
     fsutil::create_dir_all_durable(&dir)?;
     let _lock = fsutil::lock_file(&layout.key_lock(key), LockKind::Exclusive)?;
+    let leftovers = uncommitted_generations(layout, key)?;
+    for g in &leftovers {
+        fsutil::remove_any(&layout.generation(key, *g))?;
+    }
+    if !leftovers.is_empty() {
+        fsutil::fsync_dir(&dir)?;
+    }
     let mut gen = list_generations(layout, key)?.last().copied().unwrap_or(0) + 1;
     loop {
         let rec = GenRecord {
@@ -238,6 +278,7 @@ pub fn publish_generation(
     }
     crate::fault::point("generation-published");
     set_latest(layout, key, gen)?;
+    crate::fault::point("latest-published");
     Ok(gen)
 }
 

@@ -24,7 +24,7 @@ use crate::reference::CheckpointKey;
 use crate::Store;
 
 /// Bytes of a memory image read and hashed per batch.
-const BATCH: usize = 4 << 20;
+const BATCH: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug)]
 struct KnownLoc {
@@ -432,6 +432,15 @@ impl<'s> CheckpointWriter<'s> {
     /// Addresses the spans of `data` (in parallel), appends the ones not yet stored to the
     /// pack (encrypting in parallel if needed), and records all of them.
     fn put_chunks(&mut self, data: &[u8], spans: &[(usize, usize)]) -> Result<()> {
+        // An empty file has no chunks (a zero-length record would share its offset).
+        if spans.iter().any(|(a, b)| a >= b) {
+            let non_empty: Vec<(usize, usize)> =
+                spans.iter().copied().filter(|(a, b)| a < b).collect();
+            if non_empty.is_empty() {
+                return Ok(());
+            }
+            return self.put_chunks(data, &non_empty);
+        }
         let addresser = &self.addresser;
         let addrs: Vec<Digest> = if spans.len() > 1 {
             self.store.run(|| {
@@ -478,26 +487,31 @@ impl<'s> CheckpointWriter<'s> {
                     Some(res?)
                 }
             };
-            for (j, &i) in fresh.iter().enumerate() {
-                let (a, b) = spans[i];
-                let raw = &data[a..b];
-                let (stored, stored_hash): (&[u8], Digest) = match &sealed {
-                    Some(s) => (&s[j].0, s[j].1),
-                    None => (raw, addrs[i]),
-                };
-                let pack = self.current_pack()?;
-                let pack_id = pack.id();
-                let offset = pack.append(addrs[i], (b - a) as u32, stored, stored_hash)?;
+            let batch: Vec<(Digest, u32, &[u8], Digest)> = fresh
+                .iter()
+                .enumerate()
+                .map(|(j, &i)| {
+                    let (a, b) = spans[i];
+                    match &sealed {
+                        Some(s) => (addrs[i], (b - a) as u32, s[j].0.as_slice(), s[j].1),
+                        None => (addrs[i], (b - a) as u32, &data[a..b], addrs[i]),
+                    }
+                })
+                .collect();
+            let pack = self.current_pack()?;
+            let pack_id = pack.id();
+            let offsets = pack.append_batch(&batch)?;
+            for (c, offset) in batch.iter().zip(offsets) {
                 self.known.insert(
-                    addrs[i],
+                    c.0,
                     KnownLoc {
                         pack: pack_id,
                         offset,
-                        stored_len: stored.len() as u32,
+                        stored_len: c.2.len() as u32,
                     },
                 );
-                self.new_chunks += 1;
             }
+            self.new_chunks += batch.len() as u64;
         }
         for (i, a) in addrs.iter().enumerate() {
             let loc = *self.known.get(a).ok_or_else(|| StoreError::Unsupported {

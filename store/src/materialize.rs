@@ -25,7 +25,7 @@ const RUN_MAX: u64 = 8 << 20;
 /// Options of [`Store::materialize`].
 #[derive(Clone, Debug, Default)]
 pub struct MaterializeOptions {
-    /// syncfs the result before it is renamed into place (durable across a power loss).
+    /// fsync the result before it is renamed into place (durable across a power loss).
     pub sync: bool,
 }
 
@@ -408,8 +408,18 @@ fn fill(
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(e.mode)).ctx("chmod", &p)?;
     }
     if opts.sync {
-        let d = File::open(tmp).ctx("open", tmp)?;
-        nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&d)).ctx("syncfs", tmp)?;
+        // fsync each file (in parallel) and directory; syncfs would flush the whole file
+        // system, other tenants' dirty data included.
+        store.run(|| {
+            files
+                .par_iter()
+                .flatten()
+                .try_for_each(|(p, f)| f.sync_data().ctx("fsync", p))
+        })?;
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Dir) {
+            fsutil::fsync_dir(&tmp.join(&e.path))?;
+        }
+        fsutil::fsync_dir(tmp)?;
     }
     Ok((nfiles, bytes))
 }

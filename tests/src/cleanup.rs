@@ -185,3 +185,15 @@ pub fn remove_tree(dir: &Path) {
     unmount_under(dir);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path(r"/a\040b\011c\134d"), "/a b\tc\\d");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+        assert_eq!(unescape_mount_path(r"/end\04"), r"/end\04");
+    }
+}

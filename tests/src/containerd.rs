@@ -5,8 +5,9 @@
 //! system's /run/containerd and /var/lib/containerd are never configured. Two things outside
 //! that directory are chosen by the shims themselves, not by containerd's config: the stock
 //! shim's socket directory (/run/containerd/s, named by a hash of our socket path) and runc's
-//! default state root (/run/containerd/runc/<namespace>); the harness uses namespaces of its
-//! own (unique per daemon) and removes their runc state and cgroups when it stops.
+//! default state root (/run/containerd/runc/<namespace>, and runc-architect's
+//! /run/containerd/runc-architect/<namespace>); the harness uses namespaces of its own (unique
+//! per daemon) and removes their state and cgroups when it stops.
 //!
 //! The runc-architect shim is registered by a directory that holds
 //! `containerd-shim-runc-architect-v1` (a symlink to the binary under test) placed first on the
@@ -42,6 +43,10 @@ const OWNER_FILE: &str = "owner.pid";
 const NAMESPACES_FILE: &str = "namespaces";
 /// Prefix of the daemons' directories in the temp directory.
 const DIR_PREFIX: &str = "ra-containerd-";
+
+/// Default state roots of the shims, keyed by namespace below them: runc's under the stock
+/// shim, and runc-architect's own.
+const SHIM_STATE_ROOTS: &[&str] = &["/run/containerd/runc", "/run/containerd/runc-architect"];
 
 /// Options for [`Containerd::start`].
 #[derive(Clone, Debug)]
@@ -327,10 +332,12 @@ fn cleanup_dir(dir: &Path, namespaces: &[String]) {
     cleanup::kill_and_wait(&pids);
     for ns in namespaces {
         cleanup::remove_cgroup_tree(ns);
-        // runc's default state root for the shims (see the module docs).
-        let runc_state = Path::new("/run/containerd/runc").join(ns);
-        if runc_state.is_dir() {
-            let _ = std::fs::remove_dir_all(&runc_state);
+        // The shims' default state roots (see the module docs).
+        for root in SHIM_STATE_ROOTS {
+            let state = Path::new(root).join(ns);
+            if state.is_dir() {
+                let _ = std::fs::remove_dir_all(&state);
+            }
         }
     }
     for s in sockets {

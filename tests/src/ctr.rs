@@ -121,10 +121,10 @@ impl Ctr {
         self.run(args)?.ok()
     }
 
-    /// Runs ctr on a new pseudo terminal (its stdin, stdout and stderr); `input` is typed
-    /// after start. The output is everything the terminal showed.
-    pub fn run_pty(&self, args: &[&str], input: Option<&[u8]>) -> Result<Output> {
-        crate::pty::run_on_pty(self.command(args), input, self.timeout)
+    /// Runs ctr on a new pseudo terminal (its stdin, stdout and stderr), typing `steps` as
+    /// the screen shows their markers. The output is everything the terminal showed.
+    pub fn run_pty(&self, args: &[&str], steps: &[crate::pty::Step]) -> Result<Output> {
+        crate::pty::run_on_pty(self.command(args), steps, self.timeout)
     }
 
     /// Starts ctr in the background (stdout/stderr captured by [`BackgroundCtr::wait`]).
@@ -335,5 +335,50 @@ impl Drop for BackgroundCtr {
         }
         let _ = std::fs::remove_file(&self.out_file);
         let _ = std::fs::remove_file(&self.err_file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_task_ls() {
+        let rows = parse_task_ls(
+            "TASK    PID     STATUS    \na       123     RUNNING\nb       0       STOPPED\n",
+        )
+        .expect("parsed");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].id, "a");
+        assert_eq!(rows[0].pid, 123);
+        assert_eq!(rows[1].status, "STOPPED");
+    }
+
+    #[test]
+    fn fifo_dir_goes_where_ctr_takes_it() {
+        let c = Ctr::new("ctr".into(), "/s".into(), "ns".into(), "/f".into());
+        assert_eq!(
+            c.full_args(&["run", "--rm", "img", "id"]),
+            [
+                "-a",
+                "/s",
+                "-n",
+                "ns",
+                "run",
+                "--fifo-dir",
+                "/f",
+                "--rm",
+                "img",
+                "id"
+            ]
+        );
+        assert_eq!(
+            c.full_args(&["tasks", "exec", "--exec-id", "e", "id", "true"])[4..7],
+            ["tasks", "exec", "--fifo-dir"]
+        );
+        assert_eq!(
+            c.full_args(&["tasks", "ls"]),
+            ["-a", "/s", "-n", "ns", "tasks", "ls"]
+        );
     }
 }

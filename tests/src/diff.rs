@@ -122,7 +122,7 @@ impl Normalizer {
                 out = out.replace(f.as_str(), t);
             }
         }
-        out
+        mask_log_times(&out)
     }
 
     pub fn apply_value(&self, v: &Value) -> Value {
@@ -137,6 +137,29 @@ impl Normalizer {
             other => other.clone(),
         }
     }
+}
+
+/// Replaces the value of logrus `time="..."` fields (ctr's warnings) by `<TIME>`.
+pub fn mask_log_times(s: &str) -> String {
+    const KEY: &str = "time=\"";
+    if !s.contains(KEY) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(KEY) {
+        out.push_str(&rest[..i + KEY.len()]);
+        rest = &rest[i + KEY.len()..];
+        match rest.find('"') {
+            Some(j) if rest[..j].starts_with(|c: char| c.is_ascii_digit()) => {
+                out.push_str("<TIME>");
+                rest = &rest[j..];
+            }
+            _ => {}
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Differences between `a` and `b` as `path: a=... b=...` lines (empty when equal).
@@ -239,6 +262,15 @@ mod tests {
     fn normalizer_prefers_longer_patterns() {
         let n = Normalizer::new().replace("ab", "<X>").replace("abc", "<Y>");
         assert_eq!(n.apply("abc ab"), "<Y> <X>");
+    }
+
+    #[test]
+    fn log_times_are_masked() {
+        assert_eq!(
+            mask_log_times("time=\"2026-11-21T08:01:26Z\" level=warning msg=\"x\"\n"),
+            "time=\"<TIME>\" level=warning msg=\"x\"\n"
+        );
+        assert_eq!(mask_log_times("no time here"), "no time here");
     }
 
     #[test]

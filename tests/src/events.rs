@@ -209,3 +209,27 @@ impl Drop for EventRecorder {
         let _ = self.child.wait();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ctr_events_lines() {
+        let l = r#"2026-11-21 08:01:26.123456789 +0000 UTC ns1 /tasks/exit {"container_id":"c1","id":"c1","pid":42,"exit_status":3}"#;
+        let e = parse_line(7, l).expect("parsed");
+        assert_eq!(e.seq, 7);
+        assert_eq!(e.namespace, "ns1");
+        assert_eq!(e.topic, "/tasks/exit");
+        assert_eq!(e.container_id(), Some("c1"));
+        assert_eq!(e.u64_field("exit_status"), 3);
+        assert_eq!(e.u64_field("missing"), 0);
+        let e = parse_line(
+            0,
+            r#"2026-11-21 08:01:26 +0000 UTC ns1 /containers/delete {"id":"c2"}"#,
+        )
+        .expect("parsed");
+        assert_eq!(e.container_id(), Some("c2"));
+        assert!(parse_line(0, "garbage").is_none());
+    }
+}

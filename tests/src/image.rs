@@ -390,3 +390,61 @@ impl ImageBuilder {
         Ok(built)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_is_deterministic_and_has_parents() {
+        let b = ImageBuilder::new("t/x:1")
+            .file("a/b/c.txt", b"hi".to_vec(), 0o644)
+            .symlink("bin/sh", "/bin/busybox");
+        let l1 = b.layer_tar().expect("tar");
+        assert_eq!(l1, b.layer_tar().expect("tar"));
+        let mut ar = tar::Archive::new(l1.as_slice());
+        let names: Vec<String> = ar
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                e.expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(names, ["a/", "a/b/", "a/b/c.txt", "bin/", "bin/sh"]);
+    }
+
+    #[test]
+    fn oci_layout_names_the_image() {
+        let dir = std::env::temp_dir().join(format!("ra-image-test-{}", std::process::id()));
+        let out = dir.join("x.tar");
+        let built = ImageBuilder::new("t/x:1")
+            .file("f", b"1".to_vec(), 0o644)
+            .write_oci_tar(&out)
+            .expect("write");
+        let mut ar = tar::Archive::new(std::fs::File::open(&out).expect("open"));
+        let mut index = None;
+        let mut blobs = 0;
+        for e in ar.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            let p = e.path().expect("path").display().to_string();
+            if p == "index.json" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut e, &mut s).expect("read");
+                index = Some(s);
+            } else if p.starts_with("blobs/sha256/") {
+                blobs += 1;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let index: serde_json::Value =
+            serde_json::from_str(&index.expect("index.json")).expect("json");
+        let m = &index["manifests"][0];
+        assert_eq!(m["annotations"]["io.containerd.image.name"], "t/x:1");
+        assert_eq!(m["digest"], built.manifest_digest.as_str());
+        assert_eq!(blobs, 3);
+    }
+}

@@ -19,6 +19,7 @@
 //! - [`shim`]: start a shim binary the way containerd does and speak its task API over ttrpc
 //!   (bad-input tests, exact error codes).
 
+pub mod ckpt;
 pub mod cleanup;
 pub mod containerd;
 pub mod ctr;
@@ -32,6 +33,7 @@ pub mod process;
 pub mod pty;
 pub mod shim;
 pub mod spec;
+pub mod suite;
 
 pub use containerd::Containerd;
 pub use ctr::Ctr;

@@ -1,10 +1,10 @@
 //! Running a command on a pseudo terminal, as a user at a terminal would (`ctr run -t`).
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -17,10 +17,18 @@ use crate::process::{shell_join, Output};
 pub const COLS: u16 = 100;
 pub const ROWS: u16 = 30;
 
+/// One step of a terminal dialogue: once the screen shows `after` (at once if empty), type
+/// `send`.
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'a> {
+    pub after: &'a str,
+    pub send: &'a [u8],
+}
+
 /// Runs `cmd` as the session leader of a new pseudo terminal that is its stdin, stdout,
-/// stderr and controlling terminal. `input`, if any, is written to the terminal after start.
+/// stderr and controlling terminal, typing `steps` in order as the screen shows their markers.
 /// Returns everything the terminal showed as `stdout` (`stderr` stays empty).
-pub fn run_on_pty(mut cmd: Command, input: Option<&[u8]>, timeout: Duration) -> Result<Output> {
+pub fn run_on_pty(mut cmd: Command, steps: &[Step], timeout: Duration) -> Result<Output> {
     let argv: Vec<String> = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|s| s.to_string_lossy().into_owned())
@@ -59,25 +67,38 @@ pub fn run_on_pty(mut cmd: Command, input: Option<&[u8]>, timeout: Duration) -> 
 
     let mut master_file = std::fs::File::from(master);
     let mut writer = master_file.try_clone()?;
-    let (tx, rx) = mpsc::channel();
+    let screen = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel::<()>();
+    let sc = screen.clone();
     std::thread::spawn(move || {
-        let mut buf = Vec::new();
         let mut chunk = [0u8; 8192];
         loop {
             match master_file.read(&mut chunk) {
                 Ok(0) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => sc
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break, // EIO: no slave left
             }
         }
-        let _ = tx.send(buf);
+        let _ = tx.send(());
     });
-    if let Some(data) = input {
-        writer.write_all(data).context("write to the pty")?;
-    }
+    let shown = |screen: &Arc<Mutex<Vec<u8>>>| {
+        String::from_utf8_lossy(&screen.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    };
 
+    let mut next = 0;
     let status = try_wait_for(&format!("`{}` to exit", shell_join(&argv)), timeout, || {
+        while let Some(step) = steps.get(next) {
+            if step.after.is_empty() || shown(&screen).contains(step.after) {
+                writer.write_all(step.send).context("write to the pty")?;
+                next += 1;
+            } else {
+                break;
+            }
+        }
         Ok(child.try_wait()?)
     });
     let status = match status {
@@ -85,17 +106,20 @@ pub fn run_on_pty(mut cmd: Command, input: Option<&[u8]>, timeout: Duration) -> 
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            drop(writer);
-            let shown = rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
-            bail!(
-                "{e}; the terminal showed {:?}",
-                String::from_utf8_lossy(&shown)
-            );
+            bail!("{e}; the terminal showed {:?}", shown(&screen));
         }
     };
-    let _ = writer.as_raw_fd();
     drop(writer);
-    let stdout = rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+    let _ = rx.recv_timeout(Duration::from_secs(5));
+    if next < steps.len() {
+        bail!(
+            "`{}` exited before the terminal showed {:?}; it showed {:?}",
+            shell_join(&argv),
+            steps[next].after,
+            shown(&screen)
+        );
+    }
+    let stdout = screen.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(Output {
         argv,
         stdout,

@@ -37,7 +37,10 @@ pub fn read_tree(root: &Path) -> Tree {
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Tree) {
-    let mut ents: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap()).collect();
+    let mut ents: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect();
     ents.sort_by_key(|e| e.file_name());
     for e in ents {
         let p = e.path();
@@ -68,7 +71,13 @@ pub fn write_files(root: &Path, files: &[(&str, Vec<u8>)]) {
 
 /// A CRIU-like image directory: one memory image of `pages` pages where page `i` is shared
 /// (same in every replica of `template_seed`) unless `unique(i)`; plus small images.
-pub fn fake_criu_dir(dir: &Path, template_seed: u64, replica_seed: u64, pages: usize, unique_every: usize) {
+pub fn fake_criu_dir(
+    dir: &Path,
+    template_seed: u64,
+    replica_seed: u64,
+    pages: usize,
+    unique_every: usize,
+) {
     std::fs::create_dir_all(dir).unwrap();
     let mut mem = vec![0u8; pages * 4096];
     for (i, page) in mem.chunks_mut(4096).enumerate() {
@@ -98,7 +107,10 @@ pub fn fake_criu_dir(dir: &Path, template_seed: u64, replica_seed: u64, pages: u
 pub fn open_store(root: &Path, keys: &[(&str, [u8; 32])]) -> Store {
     let mut cfg = StoreConfig::new(root);
     for (ns, k) in keys {
-        let kf = root.with_file_name(format!("{}-{ns}.key", root.file_name().unwrap().to_str().unwrap()));
+        let kf = root.with_file_name(format!(
+            "{}-{ns}.key",
+            root.file_name().unwrap().to_str().unwrap()
+        ));
         std::fs::write(&kf, k).unwrap();
         cfg.keys.insert((*ns).to_owned(), kf);
     }

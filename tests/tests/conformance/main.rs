@@ -21,12 +21,14 @@ mod process;
 mod security;
 mod util;
 
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use anyhow::Result;
-use libtest_mimic::{Arguments, Failed, Trial};
+use anyhow::{Context, Result};
+use libtest_mimic::{Failed, Trial};
 use runc_architect_tests::diff::Observation;
 use runc_architect_tests::differential::{RunCtx, VersionEnv};
+use runc_architect_tests::suite::{self, LazyShared};
 use runc_architect_tests::Version;
 
 /// A scenario: observes what a ctr user sees.
@@ -41,50 +43,24 @@ fn scenarios() -> Vec<Scenario> {
     v.extend(process::scenarios());
     v.extend(security::scenarios());
     v.extend(lifecycle::scenarios());
+    let mut seen = BTreeSet::new();
+    for s in &v {
+        assert!(seen.insert(s.name), "scenario name {} used twice", s.name);
+    }
     v
 }
 
-/// A version's environment, started by the first trial that needs it.
-struct LazyEnv {
-    version: Version,
-    cell: Mutex<Option<Result<Arc<VersionEnv>, String>>>,
-}
-
-impl LazyEnv {
-    fn get(&self) -> Result<Arc<VersionEnv>, String> {
-        let mut g = self.cell.lock().unwrap_or_else(|e| e.into_inner());
-        if g.is_none() {
-            let r = self
-                .version
-                .check_installed()
-                .and_then(|_| VersionEnv::start(self.version))
-                .map(Arc::new)
-                .map_err(|e| format!("cannot set up {}: {e:#}", self.version));
-            *g = Some(r);
-        }
-        g.as_ref().expect("set above").clone()
-    }
-
-    fn shutdown(&self) {
-        let taken = self.cell.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(taken);
-    }
-}
-
 fn main() {
-    let mut args = Arguments::from_args();
-    if args.test_threads.is_none() {
-        args.test_threads = Some(2);
-    }
+    let args = suite::arguments();
     let mut trials = Vec::new();
     let mut envs = Vec::new();
     match Version::selected() {
         Ok(versions) => {
             for version in versions {
-                let env = Arc::new(LazyEnv {
-                    version,
-                    cell: Mutex::new(None),
-                });
+                let env = Arc::new(LazyShared::new(move || {
+                    version.check_installed()?;
+                    VersionEnv::start(version).with_context(|| format!("cannot set up {version}"))
+                }));
                 envs.push(env.clone());
                 for s in scenarios() {
                     let env = env.clone();

@@ -170,15 +170,30 @@ pub fn ps_facts(out: &Output, init_pid: u32) -> Value {
     })
 }
 
-/// The structure of a JSON value: objects keep their keys, leaves become their type name.
+/// The structure of a JSON value: objects keep their keys, strings and bools become their
+/// type name, numbers are left out. (ctr prints metrics with Go's `omitempty`: a counter that
+/// happens to be 0 is absent, so which numeric fields show depends on the moment. Numbers that
+/// matter are checked for plausibility instead.)
 pub fn json_shape(v: &Value) -> Value {
     match v {
-        Value::Object(m) => {
-            Value::Object(m.iter().map(|(k, x)| (k.clone(), json_shape(x))).collect())
-        }
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, x)| !x.is_number())
+                .map(|(k, x)| (k.clone(), json_shape(x)))
+                .collect(),
+        ),
         Value::Array(a) => {
-            // Per-cpu arrays and the like: the element shape, not the length.
-            let mut shapes: Vec<Value> = a.iter().map(json_shape).collect();
+            // Per-cpu arrays and the like: the element shapes, not the length.
+            let mut shapes: Vec<Value> = a
+                .iter()
+                .map(|x| {
+                    if x.is_number() {
+                        json!("number")
+                    } else {
+                        json_shape(x)
+                    }
+                })
+                .collect();
             shapes.dedup();
             Value::Array(shapes)
         }

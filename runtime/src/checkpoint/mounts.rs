@@ -1,0 +1,476 @@
+//! Which of a container's mounts CRIU can rebuild by itself and which come from the host
+//! (external mounts), at dump and at restore.
+//!
+//! CRIU rebuilds a mount namespace from its images: filesystems it knows how to mount
+//! afresh (proc, sysfs, devpts, mqueue, tmpfs, whose content it saves) and bind mounts of
+//! those. What it cannot rebuild is a mount whose source lies outside the dumped tree,
+//! e.g. a host directory bound in by the spec. Those are declared external at dump, keyed
+//! by their destination inside the container (`mnt[DEST]:DEST`), and at restore mapped to
+//! their new source on the host (`mnt[DEST]:SOURCE`).
+//!
+//! At dump, each mount of the init's `/proc/PID/mountinfo` is classified ([`classify`]):
+//! - a bind mount listed in the spec: external, its source comes from the spec of the
+//!   restoring bundle (it may have moved: a fresh container, another node);
+//! - a masked path that is a bind of the host's `/dev/null`, a device node bound from the
+//!   host, a cgroup v1 controller bound from the host: external with a fixed source;
+//! - anything else (fresh mounts, binds of those): CRIU's.
+//!
+//! At restore, [`ensure_mountpoints`] creates mount points missing from the rootfs (a
+//! restore into a fresh rootfs), without following symlinks out of it.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Component, Path, PathBuf};
+
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::{mkdirat, Mode};
+use oci_spec::runtime::Spec;
+use serde::{Deserialize, Serialize};
+
+/// One line of `/proc/PID/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    pub id: u32,
+    pub parent: u32,
+    /// `major:minor` of the filesystem.
+    pub dev: String,
+    /// The directory of the filesystem that is mounted (`/` for a whole filesystem).
+    pub root: String,
+    /// Where, as seen by the process.
+    pub mount_point: String,
+    pub fs_type: String,
+    pub source: String,
+}
+
+/// Parses mountinfo text. Octal escapes (`\040` for a space) are decoded.
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let f: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            if f.len() < 5 || r.len() < 2 {
+                return None;
+            }
+            Some(MountInfo {
+                id: f[0].parse().ok()?,
+                parent: f[1].parse().ok()?,
+                dev: f[2].to_string(),
+                root: unescape(f[3]),
+                mount_point: unescape(f[4]),
+                fs_type: r[0].to_string(),
+                source: unescape(r[1]),
+            })
+        })
+        .collect()
+}
+
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
+            if let Ok(byte) = u8::try_from(v) {
+                out.push(byte);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// How a restore finds the new source of an external mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MountSource {
+    /// The source of the bind mount at the same destination in the restoring spec.
+    Spec,
+    /// The host's `/dev/null` (a masked file).
+    DevNull,
+    /// The host device node of the same path.
+    Device,
+    /// The container's own cgroup of this v1 controller (`""` for cgroup v2).
+    Cgroup { controller: String },
+}
+
+/// A mount declared external at dump.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalMount {
+    /// Its destination inside the container, which is also its key in the images.
+    pub destination: String,
+    pub source: MountSource,
+}
+
+impl ExternalMount {
+    /// CRIU's `--external` value at dump.
+    pub fn dump_key(&self) -> String {
+        format!("mnt[{d}]:{d}", d = self.destination)
+    }
+}
+
+/// Filesystems CRIU mounts afresh at restore (saving tmpfs content in the images).
+const NATIVE_FS: &[&str] = &["proc", "sysfs", "devpts", "mqueue", "tmpfs", "binfmt_misc"];
+
+fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+fn norm(p: &str) -> String {
+    let t = p.trim_end_matches('/');
+    if t.is_empty() {
+        "/".into()
+    } else if t.starts_with('/') {
+        t.to_string()
+    } else {
+        format!("/{t}")
+    }
+}
+
+/// Classifies the mounts of a dumped container (`mounts`: its init's mountinfo) and
+/// returns those to declare external.
+pub fn classify(mounts: &[MountInfo], spec: &Spec) -> Vec<ExternalMount> {
+    let spec_binds: HashMap<String, &oci_spec::runtime::Mount> = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .filter(|m| is_bind(m))
+        .map(|m| (norm(&m.destination().to_string_lossy()), m))
+        .collect();
+    let linux = spec.linux().as_ref();
+    let masked: Vec<String> = linux
+        .and_then(|l| l.masked_paths().clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| norm(p))
+        .collect();
+    let devices: Vec<String> = linux
+        .and_then(|l| l.devices().clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|d| norm(&d.path().to_string_lossy()))
+        .collect();
+    // Filesystems present in the tree as whole mounts of a kind CRIU rebuilds: binds of
+    // their subdirectories are CRIU's too.
+    let native_roots: Vec<&str> = mounts
+        .iter()
+        .filter(|m| m.root == "/" && NATIVE_FS.contains(&m.fs_type.as_str()))
+        .map(|m| m.dev.as_str())
+        .collect();
+    let mut out = Vec::new();
+    for m in mounts {
+        let dest = norm(&m.mount_point);
+        if dest == "/" {
+            continue;
+        }
+        let source = if spec_binds.contains_key(&dest) {
+            Some(MountSource::Spec)
+        } else if native_roots.contains(&m.dev.as_str()) {
+            None
+        } else if masked.contains(&dest) && m.root.ends_with("/null") {
+            Some(MountSource::DevNull)
+        } else if devices.contains(&dest) && m.root != "/" {
+            Some(MountSource::Device)
+        } else if (m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+            && dest.starts_with("/sys/fs/cgroup")
+            && m.root != "/"
+        {
+            let controller = match m.fs_type.as_str() {
+                "cgroup2" => String::new(),
+                _ => dest
+                    .strip_prefix("/sys/fs/cgroup/")
+                    .unwrap_or_default()
+                    .to_string(),
+            };
+            Some(MountSource::Cgroup { controller })
+        } else {
+            None
+        };
+        if let Some(source) = source {
+            out.push(ExternalMount {
+                destination: dest,
+                source,
+            });
+        }
+    }
+    out
+}
+
+/// The external mounts runc declares for a spec (every bind mount): used for a
+/// checkpoint that did not record its own.
+pub fn spec_binds(spec: &Spec) -> Vec<ExternalMount> {
+    spec.mounts()
+        .iter()
+        .flatten()
+        .filter(|m| is_bind(m))
+        .map(|m| ExternalMount {
+            destination: norm(&m.destination().to_string_lossy()),
+            source: MountSource::Spec,
+        })
+        .collect()
+}
+
+/// The `--external mnt[KEY]:SOURCE` values of a restore: each external mount mapped to
+/// its source for the restoring container. `cgroup_dir(controller)` gives the host
+/// directory of the container's cgroup for a v1 controller (or v2 for `""`).
+pub fn restore_externals(
+    externals: &[ExternalMount],
+    spec: &Spec,
+    cgroup_dir: impl Fn(&str) -> Option<PathBuf>,
+) -> Result<Vec<String>, String> {
+    let binds: HashMap<String, PathBuf> = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .filter(|m| is_bind(m))
+        .filter_map(|m| {
+            m.source()
+                .as_ref()
+                .map(|s| (norm(&m.destination().to_string_lossy()), s.clone()))
+        })
+        .collect();
+    externals
+        .iter()
+        .map(|e| {
+            let src = match &e.source {
+                MountSource::Spec => binds.get(&e.destination).cloned().ok_or_else(|| {
+                    format!(
+                        "mount {} was a bind mount at checkpoint, but the restoring spec has \
+                         no bind mount there",
+                        e.destination
+                    )
+                })?,
+                MountSource::DevNull => PathBuf::from("/dev/null"),
+                MountSource::Device => PathBuf::from(&e.destination),
+                MountSource::Cgroup { controller } => {
+                    cgroup_dir(controller).ok_or_else(|| {
+                        format!(
+                            "mount {}: the restored container has no cgroup for controller {:?}",
+                            e.destination, controller
+                        )
+                    })?
+                }
+            };
+            Ok(format!("mnt[{}]:{}", e.destination, src.display()))
+        })
+        .collect()
+}
+
+/// Creates the mount points of `spec`'s mounts that are missing from `rootfs`, except
+/// those below a tmpfs of the spec (CRIU restores the tmpfs content, mount points
+/// included). Never follows a symlink: a mount point behind one is left to CRIU.
+pub fn ensure_mountpoints(rootfs: &Path, spec: &Spec) -> std::io::Result<()> {
+    let mounts: Vec<&oci_spec::runtime::Mount> = spec.mounts().iter().flatten().collect();
+    let tmpfs: Vec<PathBuf> = mounts
+        .iter()
+        .filter(|m| m.typ().as_deref() == Some("tmpfs"))
+        .map(|m| m.destination().clone())
+        .collect();
+    let root = std::fs::File::open(rootfs)?;
+    let root = OwnedFd::from(root);
+    for m in mounts {
+        let dest = m.destination();
+        if tmpfs.iter().any(|t| dest != t && dest.starts_with(t)) {
+            continue;
+        }
+        let as_file = is_bind(m)
+            && m.source()
+                .as_ref()
+                .and_then(|s| std::fs::metadata(s).ok())
+                .is_some_and(|md| !md.is_dir());
+        create_below(&root, dest, as_file)?;
+    }
+    Ok(())
+}
+
+/// Creates `rel` (directories, or a file as the last component) below the directory
+/// `root`, refusing to traverse symlinks.
+fn create_below(root: &OwnedFd, rel: &Path, last_is_file: bool) -> std::io::Result<()> {
+    let parts: Vec<&std::ffi::OsStr> = rel
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let open = |dir: RawFd, name: &std::ffi::OsStr| -> nix::Result<OwnedFd> {
+        let fd = openat(
+            Some(dir),
+            name,
+            OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_PATH,
+            Mode::empty(),
+        )?;
+        // SAFETY: openat just returned this descriptor; we are its only owner.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let mut dir: Option<OwnedFd> = None;
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        let parent = dir.as_ref().unwrap_or(root).as_raw_fd();
+        match open(parent, part) {
+            Ok(fd) => {
+                if last {
+                    return Ok(());
+                }
+                let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(std::io::Error::from)?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                    // A symlink or a file in the way: not ours to resolve.
+                    return Ok(());
+                }
+                dir = Some(fd);
+            }
+            Err(nix::errno::Errno::ENOENT) => {
+                if last && last_is_file {
+                    let fd = openat(
+                        Some(parent),
+                        *part,
+                        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                        Mode::from_bits_truncate(0o644),
+                    )
+                    .map_err(std::io::Error::from)?;
+                    // SAFETY: openat just returned this descriptor; closing it is ours.
+                    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+                    return Ok(());
+                }
+                match mkdirat(Some(parent), *part, Mode::from_bits_truncate(0o755)) {
+                    Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                if last {
+                    return Ok(());
+                }
+                dir = Some(open(parent, part).map_err(std::io::Error::from)?);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INFO: &str = "\
+94 61 0:41 / / rw,relatime - overlay overlay rw,lowerdir=/a
+95 94 0:63 / /proc rw,nosuid - proc proc rw
+97 94 0:64 / /dev rw,nosuid - tmpfs tmpfs rw
+98 97 0:65 / /dev/pts rw - devpts devpts rw
+62 95 0:63 /bus /proc/bus ro - proc proc rw
+67 95 0:64 /null /proc/keys rw - tmpfs tmpfs rw
+110 94 8:1 /srv/data /data rw - ext4 /dev/sda1 rw
+111 94 0:22 /null /proc/kcore rw - devtmpfs udev rw
+112 94 0:22 /fuse /dev/fuse rw - devtmpfs udev rw
+113 94 0:30 /k8s/pod/c /sys/fs/cgroup/memory ro - cgroup cgroup rw,memory
+114 94 0:31 /with\\040space /with\\040space rw - ext4 /dev/sda1 rw
+";
+
+    fn spec() -> Spec {
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.1.0",
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind"]},
+                {"destination": "/with space", "type": "none", "source": "/x y", "options": ["bind"]},
+                {"destination": "/run", "type": "tmpfs", "source": "tmpfs"}
+            ],
+            "linux": {
+                "maskedPaths": ["/proc/keys", "/proc/kcore"],
+                "devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]
+            }
+        }))
+        .expect("spec")
+    }
+
+    #[test]
+    fn parses_and_unescapes() {
+        let m = parse_mountinfo(INFO);
+        assert_eq!(m.len(), 11);
+        assert_eq!(m[6].root, "/srv/data");
+        assert_eq!(m[10].mount_point, "/with space");
+        assert_eq!(m[0].fs_type, "overlay");
+    }
+
+    #[test]
+    fn classifies_like_criu_needs() {
+        let ext = classify(&parse_mountinfo(INFO), &spec());
+        let got: Vec<(&str, &MountSource)> = ext
+            .iter()
+            .map(|e| (e.destination.as_str(), &e.source))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("/data", &MountSource::Spec),
+                ("/proc/kcore", &MountSource::DevNull),
+                ("/dev/fuse", &MountSource::Device),
+                (
+                    "/sys/fs/cgroup/memory",
+                    &MountSource::Cgroup {
+                        controller: "memory".into()
+                    }
+                ),
+                ("/with space", &MountSource::Spec),
+            ]
+        );
+        assert_eq!(ext[0].dump_key(), "mnt[/data]:/data");
+    }
+
+    #[test]
+    fn maps_to_new_sources() {
+        let ext = classify(&parse_mountinfo(INFO), &spec());
+        let vals = restore_externals(&ext, &spec(), |c| {
+            Some(PathBuf::from(format!("/sys/fs/cgroup/{c}/new")))
+        })
+        .unwrap();
+        assert_eq!(
+            vals,
+            vec![
+                "mnt[/data]:/srv/data",
+                "mnt[/proc/kcore]:/dev/null",
+                "mnt[/dev/fuse]:/dev/fuse",
+                "mnt[/sys/fs/cgroup/memory]:/sys/fs/cgroup/memory/new",
+                "mnt[/with space]:/x y",
+            ]
+        );
+        let mut other = spec();
+        other.set_mounts(None);
+        assert!(restore_externals(&ext, &other, |_| None).is_err());
+    }
+
+    #[test]
+    fn creates_mountpoints_without_following_symlinks() {
+        let root = std::env::temp_dir().join(format!("ra-mnt-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/", root.join("escape")).unwrap();
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.1.0",
+            "mounts": [
+                {"destination": "/a/b/c", "type": "bind", "source": "/", "options": ["bind"]},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hostname", "options": ["bind"]},
+                {"destination": "/escape/ra-should-not-exist", "type": "bind", "source": "/", "options": ["bind"]},
+                {"destination": "/run", "type": "tmpfs", "source": "tmpfs"},
+                {"destination": "/run/x", "type": "bind", "source": "/", "options": ["bind"]}
+            ]
+        }))
+        .unwrap();
+        ensure_mountpoints(&root, &spec).unwrap();
+        assert!(root.join("a/b/c").is_dir());
+        assert!(root.join("etc/hosts").is_file());
+        assert!(root.join("run").is_dir());
+        assert!(!root.join("run/x").exists());
+        assert!(!Path::new("/ra-should-not-exist").exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,550 @@
+//! Create with a checkpoint: restoring a container's tree with CRIU as the init of a new
+//! container. See the module docs of [`crate::checkpoint`] for the design.
+
+use std::collections::HashSet;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criu_rpc::{Criu, CriuOptions, CriuStderr};
+use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt};
+use libcontainer::config::YoukiConfig;
+use libcontainer::container::ContainerStatus;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use oci_spec::runtime::LinuxNamespaceType;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::dump::{load_spec, rootfs_of};
+use super::meta::DumpRecord;
+use super::mounts;
+use super::netlock::{self, LockWatch};
+use super::spawner::{AfterSpawn, ShimSpawner};
+use super::stats;
+use super::{
+    CheckpointError, CriuConfig, CRIU_LOG_LEVEL, EXT_NET_NS_KEY, EXT_PID_NS_KEY, RESTORE_LOG,
+};
+use crate::cgroups;
+use crate::container::{Container, CreateConfig, RuntimeEvent};
+use crate::exits::ExitWatcher;
+use crate::io::ProcessIo;
+use crate::process::{Process, Status};
+
+type Result<T, E = CheckpointError> = std::result::Result<T, E>;
+
+/// Where the log of a failed restore is kept (in the bundle).
+const RESTORE_LOG_COPY: &str = "criu-restore.log";
+
+/// Directory in the container's state directory where the rootfs is bind-mounted as
+/// CRIU's root while it restores.
+const CRIU_ROOT: &str = "criu-root";
+
+/// A Create with a checkpoint.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// The container to create, as for a cold start.
+    pub create: CreateConfig,
+    /// The CRIU images (containerd unpacks the checkpoint here).
+    pub image_dir: PathBuf,
+    /// CRIU's work directory (logs, stats); the images directory when unset.
+    pub work_dir: Option<PathBuf>,
+    pub criu: CriuConfig,
+}
+
+/// Restores the checkpoint in `cfg.image_dir` as the running init of a new container.
+pub async fn restore(
+    cfg: RestoreConfig,
+    exits: ExitWatcher,
+    events: UnboundedSender<RuntimeEvent>,
+) -> Result<Arc<Container>> {
+    let span = info_span!("restore", container = %cfg.create.id);
+    run(cfg, exits, events).instrument(span).await
+}
+
+/// What a failed restore must undo.
+#[derive(Default)]
+struct Undo {
+    state_dir: Option<PathBuf>,
+    criu_root: Option<PathBuf>,
+    cgroups: Option<(Arc<AnyCgroupManager>, Option<PathBuf>)>,
+    io: Option<ProcessIo>,
+    restored: Option<(i32, tokio::sync::oneshot::Receiver<i32>)>,
+}
+
+impl Undo {
+    fn unmount_root(&mut self) {
+        if let Some(root) = self.criu_root.take() {
+            if let Err(e) = nix::mount::umount2(&root, nix::mount::MntFlags::MNT_DETACH) {
+                warn!(path = %root.display(), "unmount CRIU root: {e}");
+            }
+            let _ = std::fs::remove_dir(&root);
+        }
+    }
+
+    async fn run(mut self) {
+        if let Some((pid, exited)) = self.restored.take() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(10), exited).await;
+        }
+        if let Some(mut io) = self.io.take() {
+            io.close();
+        }
+        self.unmount_root();
+        if let Some((manager, unified)) = self.cgroups.take() {
+            if let Err(e) = manager.remove() {
+                warn!("remove cgroups of failed restore: {e}");
+            }
+            if let Some(dir) = unified {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        if let Some(dir) = self.state_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+async fn run(
+    cfg: RestoreConfig,
+    exits: ExitWatcher,
+    events: UnboundedSender<RuntimeEvent>,
+) -> Result<Arc<Container>> {
+    let mut undo = Undo::default();
+    match attempt(&cfg, &exits, &mut undo).await {
+        Ok(restored) => Ok(restored.finish(cfg, exits, events)),
+        Err(e) => {
+            warn!(error = %e, "restore failed");
+            undo.run().await;
+            Err(e)
+        }
+    }
+}
+
+/// A tree CRIU restored, ready to become a container's init.
+struct Restored {
+    pid: i32,
+    io: ProcessIo,
+    exited: tokio::sync::oneshot::Receiver<i32>,
+}
+
+impl Restored {
+    fn finish(
+        self,
+        cfg: RestoreConfig,
+        exits: ExitWatcher,
+        events: UnboundedSender<RuntimeEvent>,
+    ) -> Arc<Container> {
+        let init = Arc::new(Process::new("", cfg.create.stdio.clone()));
+        init.set_pid(self.pid);
+        init.set_status(Status::Running);
+        // Nobody else can hold the lock of a process that was just made.
+        if let Ok(mut slot) = init.io.try_lock() {
+            *slot = Some(self.io);
+        }
+        Container::adopt_restored(cfg.create, init, self.exited, exits, events)
+    }
+}
+
+async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> Result<Restored> {
+    let started = Instant::now();
+    let id = cfg.create.id.as_str();
+    let bundle = &cfg.create.bundle;
+    let spec = load_spec(id, bundle)?;
+    let image_err = |reason: String| CheckpointError::Image {
+        id: id.into(),
+        path: cfg.image_dir.clone(),
+        reason,
+    };
+    let record = DumpRecord::load(&cfg.image_dir)
+        .map_err(&image_err)?
+        .ok_or_else(|| {
+            image_err(
+                "no checkpoint record (runc-architect-checkpoint.json or descriptors.json): \
+                 not a container checkpoint"
+                    .into(),
+            )
+        })?;
+    let work_dir = cfg.work_dir.clone().unwrap_or_else(|| cfg.image_dir.clone());
+
+    // libcontainer's state directory, as a create would make it.
+    std::fs::create_dir_all(&cfg.create.state_root)
+        .map_err(|e| CheckpointError::io(id, "create state root", &cfg.create.state_root, e))?;
+    let state_dir = cfg.create.state_root.join(id);
+    match std::fs::create_dir(&state_dir) {
+        Ok(()) => undo.state_dir = Some(state_dir.clone()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(CheckpointError::State {
+                id: id.into(),
+                reason: format!("state directory {} exists already", state_dir.display()),
+            })
+        }
+        Err(e) => return Err(CheckpointError::io(id, "create", &state_dir, e)),
+    }
+
+    // Cgroups: made from the spec (with its limits) the moment CRIU is spawned.
+    let youki = YoukiConfig::from_spec(&spec, id)
+        .map_err(|e| CheckpointError::runtime(id, "cgroup path from spec", e))?;
+    let cgroup_path = youki.cgroup_path.clone();
+    let manager = Arc::new(
+        libcgroups::common::create_cgroup_manager(CgroupConfig {
+            cgroup_path: cgroup_path.clone(),
+            systemd_cgroup: false,
+            container_name: id.to_string(),
+        })
+        .map_err(|e| CheckpointError::runtime(id, "cgroup manager", e))?,
+    );
+    let unified_dir = match cgroups::mode() {
+        cgroups::Mode::Hybrid => cgroups::unified_root().map(|r| join_rel(r, &cgroup_path)),
+        _ => None,
+    };
+    undo.cgroups = Some((manager.clone(), unified_dir.clone()));
+    let resources = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().clone())
+        .unwrap_or_default();
+    let join: AfterSpawn = {
+        let manager = manager.clone();
+        Arc::new(move |pid| {
+            manager
+                .add_task(Pid::from_raw(pid))
+                .map_err(std::io::Error::other)?;
+            manager
+                .apply(&ControllerOpt {
+                    resources: &resources,
+                    disable_oom_killer: resources
+                        .memory()
+                        .as_ref()
+                        .and_then(|m| m.disable_oom_killer())
+                        .unwrap_or(false),
+                    oom_score_adj: None,
+                    freezer_state: None,
+                })
+                .map_err(std::io::Error::other)?;
+            cgroups::join_unified_like_v1(pid).map_err(std::io::Error::other)
+        })
+    };
+
+    // The rootfs, bind-mounted privately as CRIU's root, with its mount points.
+    let rootfs = rootfs_of(bundle, &spec);
+    mounts::ensure_mountpoints(&rootfs, &spec)
+        .map_err(|e| CheckpointError::io(id, "create mount points in", &rootfs, e))?;
+    let criu_root = state_dir.join(CRIU_ROOT);
+    std::fs::create_dir(&criu_root)
+        .map_err(|e| CheckpointError::io(id, "create", &criu_root, e))?;
+    nix::mount::mount(
+        Some(&rootfs),
+        &criu_root,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| CheckpointError::io(id, "bind-mount the rootfs on", &criu_root, e.into()))?;
+    undo.criu_root = Some(criu_root.clone());
+
+    // New stdio, as for a cold start; CRIU re-attaches it by the dumped pipes' inodes.
+    let (io, child) = ProcessIo::prepare(&cfg.create.stdio, &std::env::temp_dir())
+        .map_err(|e| CheckpointError::runtime(id, "prepare stdio", e))?;
+    let child_fds: Option<[RawFd; 3]> = child.fds().map(|f| [f.stdin, f.stdout, f.stderr]);
+    let console_socket = child.console_socket.clone();
+    undo.io = Some(io);
+
+    let terminal = record.terminal
+        || spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+    let mut opts = CriuOptions::new()
+        .images_dir(&cfg.image_dir)
+        .work_dir(&work_dir)
+        .log_file(RESTORE_LOG)
+        .log_level(CRIU_LOG_LEVEL)
+        .root(criu_root.to_string_lossy())
+        .rst_sibling(true)
+        .manage_cgroups(true)
+        .manage_cgroups_mode(record.cgroups_mode.criu())
+        .cg_root(None, cgroup_path.to_string_lossy())
+        .tcp_established(record.tcp_established)
+        .ext_unix_sk(record.ext_unix_sk)
+        .shell_job(record.shell_job)
+        .file_locks(record.file_locks)
+        .network_lock(record.network_lock.criu())
+        .orphan_pts_master(terminal);
+
+    let mut seen = HashSet::new();
+    if let Some(fds) = child_fds {
+        for (n, rec) in record.stdio.iter().enumerate().take(3) {
+            let Some(key) = rec.inherit_key.clone() else {
+                continue;
+            };
+            if !seen.insert(key.clone()) {
+                continue;
+            }
+            let fd = dup_cloexec(fds[n])
+                .map_err(|e| CheckpointError::io(id, "duplicate stdio for", &key, e))?;
+            opts = opts.inherit_fd(key, fd);
+        }
+    }
+
+    let externals = if record.is_inferred() {
+        mounts::spec_binds(&spec)
+    } else {
+        record.external_mounts.clone()
+    };
+    let cgroup_dir = |controller: &str| -> Option<PathBuf> {
+        if controller.is_empty() {
+            cgroups::unified_root().map(|r| join_rel(r, &cgroup_path))
+        } else {
+            Some(join_rel(
+                &Path::new("/sys/fs/cgroup").join(controller),
+                &cgroup_path,
+            ))
+        }
+    };
+    for ext in mounts::restore_externals(&externals, &spec, cgroup_dir).map_err(&image_err)? {
+        opts = opts.external(ext);
+    }
+
+    // Namespaces joined by path: network and pid were external at dump; the others are
+    // joined as they are.
+    let mut net_given = false;
+    let mut external_netns: Option<std::fs::File> = None;
+    let mut pid_given = false;
+    for ns in spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default()
+    {
+        let Some(path) = ns.path().clone() else {
+            continue;
+        };
+        let open = |what: &'static str| {
+            std::fs::File::open(&path)
+                .map(OwnedFd::from)
+                .map_err(|e| CheckpointError::io(id, what, &path, e))
+        };
+        match ns.typ() {
+            LinuxNamespaceType::Network => {
+                if record.external_net_ns || record.is_inferred() {
+                    opts = opts.inherit_fd(EXT_NET_NS_KEY, open("open network namespace")?);
+                    external_netns = Some(std::fs::File::from(open("open network namespace")?));
+                    net_given = true;
+                }
+            }
+            LinuxNamespaceType::Pid => {
+                if record.external_pid_ns || record.is_inferred() {
+                    opts = opts.inherit_fd(EXT_PID_NS_KEY, open("open pid namespace")?);
+                    pid_given = true;
+                }
+            }
+            LinuxNamespaceType::Ipc => opts = join_ns(opts, "ipc", &path),
+            LinuxNamespaceType::Uts => opts = join_ns(opts, "uts", &path),
+            LinuxNamespaceType::Time => opts = join_ns(opts, "time", &path),
+            LinuxNamespaceType::User => opts = join_ns(opts, "user", &path),
+            other => {
+                return Err(CheckpointError::InvalidOption(format!(
+                    "cannot restore into an existing {other:?} namespace ({})",
+                    path.display()
+                )))
+            }
+        }
+    }
+    if record.external_net_ns && !net_given {
+        return Err(image_err(
+            "the checkpoint joined an existing network namespace, but the restoring spec \
+             names none"
+                .into(),
+        ));
+    }
+    if record.external_pid_ns && !pid_given {
+        return Err(image_err(
+            "the checkpoint joined an existing pid namespace, but the restoring spec names none"
+                .into(),
+        ));
+    }
+
+    let prepared = started.elapsed();
+    let criu = Criu::with_binary(&cfg.criu.binary)
+        .spawner(Arc::new(ShimSpawner::new(exits.clone()).after_spawn(join)))
+        .stderr(CriuStderr::Null);
+    let mut handler = LockWatch::default();
+    let criu_started = Instant::now();
+    let outcome = match criu.restore_with_notify(opts, &mut handler).await {
+        Ok(o) => o,
+        Err(source) => {
+            // A restore into an existing (pod) network namespace must not leave it locked.
+            if let (true, Some(ns)) = (handler.locked, &external_netns) {
+                netlock::unlock(exits, ns, record.network_lock).await;
+            }
+            return Err(CheckpointError::criu(
+                id,
+                "restore",
+                source,
+                Some(&bundle.join(RESTORE_LOG_COPY)),
+            ));
+        }
+    };
+    let criu_elapsed = criu_started.elapsed();
+    let pid = outcome.pid;
+    // Our child now (rst_sibling); its exit may already be buffered by the watcher.
+    let exited = exits.register(pid);
+    undo.restored = Some((pid, exited));
+    undo.unmount_root();
+
+    if let Some(master) = handler.pts_master.take() {
+        let sock = console_socket.clone().ok_or_else(|| {
+            CheckpointError::runtime(
+                id,
+                "re-attach terminal",
+                "CRIU handed over a pty master, but the new task has no terminal",
+            )
+        })?;
+        send_fd(&sock, &master)
+            .map_err(|e| CheckpointError::io(id, "hand the pty master to", &sock, e))?;
+    } else if console_socket.is_some() {
+        return Err(CheckpointError::runtime(
+            id,
+            "re-attach terminal",
+            "the task wants a terminal, but the checkpoint has none to re-attach",
+        ));
+    }
+    // The process holds its ends now; ours must go so that EOF works.
+    drop(child);
+    let mut io = undo.io.take().ok_or_else(|| {
+        CheckpointError::runtime(id, "stdio", "stdio vanished during restore")
+    })?;
+    if let Err(e) = io.start(&cfg.create.stdio).await {
+        undo.io = Some(io);
+        return Err(CheckpointError::runtime(id, "start stdio copies", e));
+    }
+    undo.io = Some(io);
+
+    write_state(id, bundle, &state_dir, pid, &youki)?;
+
+    let (pid, exited) = undo
+        .restored
+        .take()
+        .ok_or_else(|| CheckpointError::runtime(id, "restore", "restored pid lost"))?;
+    let io = undo.io.take().ok_or_else(|| {
+        CheckpointError::runtime(id, "stdio", "stdio vanished during restore")
+    })?;
+    // Success: nothing to undo any more.
+    *undo = Undo::default();
+
+    let phases = stats::restore_phases(&work_dir).ok();
+    info!(
+        pid,
+        prepare_ms = ms(prepared),
+        criu_ms = ms(criu_elapsed),
+        criu_forking_ms = phases.map(|p| ms(p.forking)),
+        criu_restore_ms = phases.map(|p| ms(p.restore)),
+        total_ms = ms(started.elapsed()),
+        "restored"
+    );
+    Ok(Restored { pid, io, exited })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn join_ns(opts: CriuOptions, ns: &str, path: &Path) -> CriuOptions {
+    opts.join_ns(ns, path.to_string_lossy(), None)
+}
+
+/// `root` joined with a cgroup path that starts with `/`.
+fn join_rel(root: &Path, cgroup_path: &Path) -> PathBuf {
+    root.join(cgroup_path.strip_prefix("/").unwrap_or(cgroup_path))
+}
+
+fn dup_cloexec(fd: RawFd) -> std::io::Result<OwnedFd> {
+    let new = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+        .map_err(std::io::Error::from)?;
+    // SAFETY: F_DUPFD_CLOEXEC just created this descriptor for us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Sends `fd` over the unix socket at `path` (a console socket, as libcontainer would).
+fn send_fd(path: &Path, fd: &OwnedFd) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let conn = std::os::unix::net::UnixStream::connect(path)?;
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let name = b"/dev/ptmx";
+    let iov = [std::io::IoSlice::new(name)];
+    sendmsg::<()>(conn.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+        .map_err(std::io::Error::from)?;
+    Ok(())
+}
+
+/// libcontainer's state for the restored init, so that its pause, resume, update, exec
+/// and delete work as for a created container.
+fn write_state(
+    id: &str,
+    bundle: &Path,
+    state_dir: &Path,
+    pid: i32,
+    youki: &YoukiConfig,
+) -> Result<()> {
+    let mut c = libcontainer::container::Container::new(
+        id,
+        ContainerStatus::Created,
+        Some(pid),
+        bundle,
+        state_dir,
+    )
+    .map_err(|e| CheckpointError::runtime(id, "container state", e))?;
+    c.set_status(ContainerStatus::Running)
+        .set_creator(nix::unistd::geteuid().as_raw())
+        .set_systemd(false);
+    c.save()
+        .map_err(|e| CheckpointError::runtime(id, "save container state", e))?;
+    youki
+        .save(state_dir)
+        .map_err(|e| CheckpointError::runtime(id, "save container config", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_cgroup_paths() {
+        assert_eq!(
+            join_rel(Path::new("/sys/fs/cgroup/unified"), Path::new("/ns/c")),
+            PathBuf::from("/sys/fs/cgroup/unified/ns/c")
+        );
+        assert_eq!(
+            join_rel(Path::new("/sys/fs/cgroup"), Path::new("ns/c")),
+            PathBuf::from("/sys/fs/cgroup/ns/c")
+        );
+    }
+
+    #[test]
+    fn hands_a_descriptor_over_a_socket() {
+        let dir = std::env::temp_dir().join(format!("ra-sendfd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        send_fd(&sock, &OwnedFd::from(file)).unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let msg = nix::sys::socket::recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        let got = msg.cmsgs().unwrap().count();
+        assert_eq!(got, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,80 @@
+//! criu-rpc's [`ChildSpawner`] on top of the shim's reaper.
+//!
+//! Every child of the shim is reaped by the containerd-shim crate's global SIGCHLD
+//! handler, which publishes exits to the [`ExitWatcher`]. CRIU (`criu swrk`) is spawned
+//! with `std::process` (never waited for here) and its pid registered right after
+//! spawning; an exit that arrives before the registration is kept by the watcher's
+//! early-exit buffer, so none is lost.
+//!
+//! A restore needs CRIU inside the container's cgroups before it forks the tree: the
+//! optional `after_spawn` hook runs right after the spawn, before criu-rpc sends CRIU its
+//! request (CRIU waits for it), and moves the new pid there. If the hook fails, CRIU is
+//! killed and the spawn fails.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use criu_rpc::{ChildExit, ChildSpawner, SpawnedChild};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::exits::ExitWatcher;
+
+/// A hook run with the pid of a freshly spawned CRIU.
+pub type AfterSpawn = Arc<dyn Fn(i32) -> std::io::Result<()> + Send + Sync>;
+
+/// Spawns CRIU as a child of the shim and reports its exit through the [`ExitWatcher`].
+#[derive(Clone)]
+pub struct ShimSpawner {
+    exits: ExitWatcher,
+    after_spawn: Option<AfterSpawn>,
+}
+
+impl ShimSpawner {
+    pub fn new(exits: ExitWatcher) -> ShimSpawner {
+        ShimSpawner {
+            exits,
+            after_spawn: None,
+        }
+    }
+
+    /// Runs `hook` with CRIU's pid right after each spawn.
+    pub fn after_spawn(mut self, hook: AfterSpawn) -> ShimSpawner {
+        self.after_spawn = Some(hook);
+        self
+    }
+}
+
+impl fmt::Debug for ShimSpawner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShimSpawner")
+            .field("after_spawn", &self.after_spawn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl ChildSpawner for ShimSpawner {
+    async fn spawn(&self, mut cmd: std::process::Command) -> std::io::Result<SpawnedChild> {
+        let child = cmd.spawn()?;
+        let pid = i32::try_from(child.id()).map_err(std::io::Error::other)?;
+        // The reaper owns the exit status: never wait on the handle. Dropping a
+        // `std::process::Child` neither waits nor kills.
+        drop(child);
+        let exit_rx = self.exits.register(pid);
+        if let Some(hook) = &self.after_spawn {
+            if let Err(e) = hook(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(e);
+            }
+        }
+        let exit = Box::pin(async move {
+            exit_rx
+                .await
+                .map(ChildExit::from_shell_code)
+                .map_err(|_| std::io::Error::other("the shim's exit monitor closed"))
+        });
+        Ok(SpawnedChild { pid, exit })
+    }
+}

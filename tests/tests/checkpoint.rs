@@ -1,0 +1,948 @@
+//! Checkpoint and restore with real CRIU, through real containerd (1.7 and 2.1).
+//!
+//! One private containerd per version serves the whole run, with the `ckpt` test image
+//! (busybox plus the `ckload` workloads) imported into a namespace of its own. Each trial
+//! is one scenario on one version:
+//!
+//! - workloads through `ctr`: a counter that continues after `ctr c checkpoint --task
+//!   --rw` / delete / `ctr c restore --live --rw` (and then exec, metrics, pause, kill,
+//!   wait and delete work on the restored task); a TCP server in a pod-style network
+//!   namespace that serves again; a process tree joined by a pipe and a unix socket
+//!   pair; tmpfs and bind mounts; a paused container (`ctr t checkpoint` too); a terminal;
+//!   a checkpoint restored twice into fresh containers;
+//! - straight to the shim's task API (what ctr cannot ask for: ctr passes checkpoint
+//!   options only to runtimes named `io.containerd.runc.v1/v2`, so `ctr t checkpoint
+//!   --exit` is a plain checkpoint for any other runtime name): an established TCP
+//!   connection kept with `open_tcp` across a dump with `exit` and a restore, and the
+//!   dump of a paused task restored;
+//! - failures: CRIU missing, CRIU killed mid-dump, a resource CRIU cannot dump. Each
+//!   leaves the container running, untouched, and the error names CRIU's reason.
+//!
+//! The runtime under test is runc-architect (`$RA_SHIM_BINARY`, or the workspace build);
+//! `RA_CKPT_RUNTIME=io.containerd.runc.v2` runs the ctr scenarios against the stock shim
+//! (with runc and the same CRIU), which proves the scenarios themselves.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use libtest_mimic::{Failed, Trial};
+use runc_architect_tests::ckpt::{self, LineConn, NetNs};
+use runc_architect_tests::image::ImageBuilder;
+use runc_architect_tests::paths::ARCHITECT_RUNTIME;
+use runc_architect_tests::poll::{try_wait_for, wait_for};
+use runc_architect_tests::pty::Step;
+use runc_architect_tests::suite::{self, LazyShared};
+use runc_architect_tests::{Containerd, Ctr, Output, Version};
+
+/// How long a scenario waits for something it expects.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// One containerd version with the checkpoint image imported.
+struct Env {
+    containerd: Containerd,
+    namespace: String,
+    builder: ImageBuilder,
+    runtime: String,
+}
+
+impl Env {
+    fn start(version: Version) -> Result<Env> {
+        let containerd = Containerd::start(version)?;
+        let namespace = format!("ra-ck-{}", containerd.unique());
+        let scratch = containerd.scratch_dir("ckpt-image")?;
+        let builder = ckpt::ckpt_image(&scratch)?;
+        builder
+            .import(&containerd.ctr(&namespace), &scratch)
+            .context("import the checkpoint test image")?;
+        let runtime = std::env::var("RA_CKPT_RUNTIME")
+            .ok()
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| ARCHITECT_RUNTIME.to_string());
+        Ok(Env {
+            containerd,
+            namespace,
+            builder,
+            runtime,
+        })
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// One scenario's view: the daemon, a ctr, unique names.
+struct Ctx {
+    env: Arc<Env>,
+    ctr: Ctr,
+    tag: String,
+}
+
+impl Ctx {
+    fn new(env: Arc<Env>, scenario: &str) -> Ctx {
+        let ctr = env.containerd.ctr(&env.namespace);
+        let tag = format!(
+            "{}-{}",
+            scenario.replace('_', "-"),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        Ctx { env, ctr, tag }
+    }
+
+    fn id(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.tag)
+    }
+
+    fn image_ref(&self, suffix: &str) -> String {
+        format!("runc-architect-test/checkpoint/{}{suffix}:1", self.tag)
+    }
+
+    /// `ctr run -d` of the checkpoint image.
+    fn run_detached(&self, id: &str, flags: &[&str], args: &[&str]) -> Result<Output> {
+        let mut a: Vec<&str> = vec!["run", "-d", "--runtime", &self.env.runtime];
+        a.extend_from_slice(flags);
+        a.push(ckpt::CKPT_IMAGE);
+        a.push(id);
+        a.extend_from_slice(args);
+        self.ctr.ok(&a)
+    }
+
+    /// `ctr t exec` of `args`; returns stdout.
+    fn exec(&self, id: &str, args: &[&str]) -> Result<String> {
+        let exec_id = format!("x{}", SEQ.fetch_add(1, Ordering::SeqCst));
+        let mut a = vec!["tasks", "exec", "--exec-id", &exec_id, id];
+        a.extend_from_slice(args);
+        Ok(self.ctr.ok(&a)?.stdout_str())
+    }
+
+    /// The number in `file` inside container `id`.
+    fn number(&self, id: &str, file: &str) -> Result<u64> {
+        let s = self.exec(id, &["cat", file])?;
+        s.trim()
+            .parse()
+            .with_context(|| format!("{file} in {id} holds {s:?}, not a number"))
+    }
+
+    /// Waits until the number in `file` is at least `min`; returns it.
+    fn wait_number(&self, id: &str, file: &str, min: u64) -> Result<u64> {
+        try_wait_for(&format!("{file} in {id} to reach {min}"), WAIT, || {
+            Ok(self.number(id, file).ok().filter(|n| *n >= min))
+        })
+    }
+
+    fn status(&self, id: &str) -> Result<Option<String>> {
+        self.ctr.task_status(id)
+    }
+
+    fn checkpoint(&self, id: &str, image: &str) -> Result<Duration> {
+        let t = Instant::now();
+        self.ctr
+            .ok(&["containers", "checkpoint", "--task", "--rw", id, image])?;
+        Ok(t.elapsed())
+    }
+
+    fn restore(&self, id: &str, image: &str) -> Result<Duration> {
+        let t = Instant::now();
+        self.ctr
+            .ok(&["containers", "restore", "--live", "--rw", id, image])?;
+        Ok(t.elapsed())
+    }
+
+    /// Kills and deletes task and container `id`, and waits until they are gone.
+    fn remove(&self, id: &str) -> Result<()> {
+        self.ctr.remove(id);
+        wait_for(&format!("{id} to be deleted"), WAIT, || {
+            self.ctr
+                .containers()
+                .ok()
+                .filter(|c| !c.iter().any(|x| x == id))
+        })?;
+        Ok(())
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if let Ok(cs) = self.ctr.containers() {
+            for c in cs.iter().filter(|c| c.starts_with(&self.tag)) {
+                self.ctr.remove(c);
+            }
+        }
+        if let Ok(images) = self.ctr.images() {
+            for i in images.iter().filter(|i| i.contains(&self.tag)) {
+                let _ = self.ctr.run(&["images", "rm", i]);
+            }
+        }
+    }
+}
+
+const COUNTER: &str =
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo tick $i; sleep 0.1; done";
+
+/// What a restored task must still do: run execs, report metrics, pause and resume, be
+/// killed, report its exit, be deleted (with its cgroups).
+fn check_lifecycle(cx: &Ctx, id: &str, counter_file: &str) -> Result<()> {
+    ensure!(
+        cx.status(id)?.as_deref() == Some("RUNNING"),
+        "restored task {id} is not RUNNING: {:?}",
+        cx.status(id)?
+    );
+    let pid = cx.ctr.task_pid(id)?;
+    ensure!(pid > 0, "restored task {id} reports pid 0");
+    let out = cx.exec(id, &["sh", "-c", "echo exec-ok"])?;
+    ensure!(
+        out.contains("exec-ok"),
+        "exec in the restored task printed {out:?}"
+    );
+    let metrics = cx.ctr.ok(&["tasks", "metrics", id])?.stdout_str();
+    ensure!(
+        !metrics.trim().is_empty(),
+        "no metrics for the restored task"
+    );
+    let ps = cx.ctr.ok(&["tasks", "ps", id])?.stdout_str();
+    ensure!(
+        ps.contains(&pid.to_string()),
+        "ctr t ps does not list the init {pid}: {ps}"
+    );
+
+    cx.ctr.ok(&["tasks", "pause", id])?;
+    ensure!(
+        cx.status(id)?.as_deref() == Some("PAUSED"),
+        "pause did not take"
+    );
+    cx.ctr.ok(&["tasks", "resume", id])?;
+    ensure!(
+        cx.status(id)?.as_deref() == Some("RUNNING"),
+        "resume did not take"
+    );
+    let n = cx.number(id, counter_file)?;
+    cx.wait_number(id, counter_file, n + 2)?;
+
+    cx.ctr.ok(&["tasks", "kill", "-s", "SIGKILL", id])?;
+    wait_for(&format!("{id} to stop"), WAIT, || {
+        cx.status(id).ok().flatten().filter(|s| s == "STOPPED")
+    })?;
+    let cgroup_dirs: Vec<PathBuf> = ["memory", "pids", "unified"]
+        .iter()
+        .map(|c| {
+            Path::new("/sys/fs/cgroup")
+                .join(c)
+                .join(&cx.env.namespace)
+                .join(id)
+        })
+        .collect();
+    cx.ctr.ok(&["tasks", "delete", id])?;
+    cx.ctr.ok(&["containers", "delete", id])?;
+    if cx.env.runtime == ARCHITECT_RUNTIME {
+        for d in &cgroup_dirs {
+            ensure!(
+                !d.exists(),
+                "cgroup {} left behind after delete",
+                d.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+// ---- scenarios through ctr ------------------------------------------------------------
+
+/// A counter continues where it was after checkpoint, delete, restore; the restored task
+/// then behaves like a started one.
+fn counter_continues(cx: &Ctx) -> Result<()> {
+    let id = cx.id("");
+    let image = cx.image_ref("");
+    cx.run_detached(&id, &[], &["sh", "-c", COUNTER])?;
+    cx.wait_number(&id, "/tmp/count", 5)?;
+    cx.checkpoint(&id, &image)?;
+    // The checkpointed container keeps running.
+    ensure!(
+        cx.status(&id)?.as_deref() == Some("RUNNING"),
+        "not RUNNING after checkpoint"
+    );
+    let before = cx.number(&id, "/tmp/count")?;
+    cx.remove(&id)?;
+    cx.restore(&id, &image)?;
+    let after = cx.number(&id, "/tmp/count")?;
+    ensure!(
+        after + 20 >= before && after >= 5,
+        "the restored counter is at {after}: it started over (it was at {before} after the \
+         checkpoint)"
+    );
+    cx.wait_number(&id, "/tmp/count", after + 3)?;
+    check_lifecycle(cx, &id, "/tmp/count")
+}
+
+/// The same checkpoint restored twice, each time into a fresh container after the
+/// previous one was deleted (and another container ran in between).
+fn restore_fresh_after_delete(cx: &Ctx) -> Result<()> {
+    let id = cx.id("");
+    let image = cx.image_ref("");
+    cx.run_detached(&id, &[], &["sh", "-c", COUNTER])?;
+    let at = cx.wait_number(&id, "/tmp/count", 10)?;
+    cx.checkpoint(&id, &image)?;
+    cx.remove(&id)?;
+    let other = cx.id("-other");
+    cx.run_detached(&other, &[], &["sh", "-c", COUNTER])?;
+    cx.wait_number(&other, "/tmp/count", 2)?;
+    cx.remove(&other)?;
+    for round in 0..2 {
+        cx.restore(&id, &image)?;
+        let n = cx.number(&id, "/tmp/count")?;
+        ensure!(
+            n >= at,
+            "round {round}: restored counter at {n}, below the checkpointed {at}"
+        );
+        cx.wait_number(&id, "/tmp/count", n + 2)?;
+        cx.remove(&id)?;
+    }
+    Ok(())
+}
+
+/// A TCP server in a network namespace joined by path (like a pod's) serves again after
+/// restore, from the host side of the namespace's veth.
+fn tcp_server_in_netns(cx: &Ctx) -> Result<()> {
+    let ns = NetNs::create()?;
+    let id = cx.id("");
+    let image = cx.image_ref("");
+    let with_ns = format!("network:{}", ns.path());
+    cx.run_detached(
+        &id,
+        &["--with-ns", &with_ns],
+        &["/bin/ckload", "echo", "7070"],
+    )?;
+    let addr = ns.addr(7070);
+    let (a, _) = ckpt::wait_answer(addr, Some("hello"), WAIT)?;
+    ensure!(a == "pong 1 hello", "server answered {a:?}");
+    cx.checkpoint(&id, &image)?;
+    let (a, _) = ckpt::wait_answer(addr, Some("still"), WAIT)?;
+    ensure!(
+        a == "pong 1 still",
+        "after checkpoint the server answered {a:?}"
+    );
+    cx.remove(&id)?;
+    ensure!(
+        ckpt::tcp_line(addr, Some("gone"), Duration::from_millis(300)).is_err(),
+        "something still answers on {addr} after delete"
+    );
+    cx.restore(&id, &image)?;
+    let (a, _) = ckpt::wait_answer(addr, Some("again"), WAIT)?;
+    ensure!(a == "pong 1 again", "restored server answered {a:?}");
+    cx.remove(&id)
+}
+
+/// A parent and child joined by a pipe and a unix socket pair keep their streams intact.
+fn process_tree_pipes_unix(cx: &Ctx) -> Result<()> {
+    let id = cx.id("");
+    let image = cx.image_ref("");
+    cx.run_detached(&id, &[], &["/bin/ckload", "tree", "/tmp/state"])?;
+    cx.wait_number(&id, "/tmp/state", 10)?;
+    cx.checkpoint(&id, &image)?;
+    let before = cx.number(&id, "/tmp/state")?;
+    cx.remove(&id)?;
+    cx.restore(&id, &image)?;
+    let state = cx.exec(&id, &["cat", "/tmp/state"])?;
+    ensure!(!state.contains("BROKEN"), "the streams broke: {state}");
+    let n: u64 = state.trim().parse().context("state")?;
+    ensure!(
+        n + 40 >= before,
+        "restored tree at {n}, checkpointed near {before}"
+    );
+    let later = cx.wait_number(&id, "/tmp/state", n + 10)?;
+    let state = cx.exec(&id, &["cat", "/tmp/state"])?;
+    ensure!(
+        !state.contains("BROKEN"),
+        "the streams broke after {later}: {state}"
+    );
+    let ps = cx.ctr.ok(&["tasks", "ps", &id])?.stdout_str();
+    ensure!(ps.lines().count() >= 3, "the tree lost a process: {ps}");
+    cx.remove(&id)
+}
+
+/// A tmpfs keeps its content; a bind mount from the host is re-attached (a descriptor
+/// kept open into it still writes to the host directory).
+fn tmpfs_and_bind_mount(cx: &Ctx) -> Result<()> {
+    let host_dir = cx.env.containerd.scratch_dir(&cx.id("-data"))?;
+    let id = cx.id("");
+    let image = cx.image_ref("");
+    let bind = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        host_dir.display()
+    );
+    let tmpfs = "type=tmpfs,src=tmpfs,dst=/scratch,options=size=4m";
+    let script = "echo kept-in-tmpfs > /scratch/note; exec 3>>/data/log; \
+                  i=0; while true; do i=$((i+1)); echo $i >&3; echo $i > /tmp/count; \
+                  sleep 0.1; done";
+    cx.run_detached(
+        &id,
+        &["--mount", &bind, "--mount", tmpfs],
+        &["sh", "-c", script],
+    )?;
+    cx.wait_number(&id, "/tmp/count", 5)?;
+    cx.checkpoint(&id, &image)?;
+    cx.remove(&id)?;
+    let lines_before = std::fs::read_to_string(host_dir.join("log"))?
+        .lines()
+        .count();
+    cx.restore(&id, &image)?;
+    let note = cx.exec(&id, &["cat", "/scratch/note"])?;
+    ensure!(
+        note.trim() == "kept-in-tmpfs",
+        "tmpfs content after restore: {note:?}"
+    );
+    let mounts = cx.exec(&id, &["cat", "/proc/self/mountinfo"])?;
+    ensure!(
+        mounts
+            .lines()
+            .any(|l| l.contains(" /scratch ") && l.contains(" - tmpfs ")),
+        "/scratch is no tmpfs after restore:\n{mounts}"
+    );
+    wait_for(
+        "the restored process to write through its bind mount",
+        WAIT,
+        || {
+            let n = std::fs::read_to_string(host_dir.join("log"))
+                .map(|s| s.lines().count())
+                .unwrap_or(0);
+            (n >= lines_before + 5).then_some(())
+        },
+    )?;
+    cx.remove(&id)
+}
+
+/// A paused container: `ctr t checkpoint` leaves it paused (frozen, not running a single
+/// step), and it resumes afterwards. (`ctr c checkpoint` pauses unconditionally, so on a
+/// paused task it fails with any shim; a paused task's dump is restored in
+/// `paused_dump_restores`, straight to the shim.)
+fn paused_container(cx: &Ctx) -> Result<()> {
+    // A paused task runs no exec: the counter goes to a host directory instead.
+    let host_dir = cx.env.containerd.scratch_dir(&cx.id("-out"))?;
+    let count = host_dir.join("count");
+    let number = || -> Option<u64> { ckpt::read_trimmed(&count).ok()?.parse().ok() };
+    let bind = format!("type=bind,src={},dst=/out,options=rbind:rw", host_dir.display());
+    let id = cx.id("");
+    let script = "i=0; while true; do i=$((i+1)); echo $i > /out/count; sleep 0.1; done";
+    cx.run_detached(&id, &["--mount", &bind], &["sh", "-c", script])?;
+    wait_for("the counter", WAIT, || number().filter(|n| *n >= 5))?;
+    cx.ctr.ok(&["tasks", "pause", &id])?;
+    let frozen = number().context("counter")?;
+    let out = cx.ctr.ok(&["tasks", "checkpoint", &id])?.stdout_str();
+    let task_image = out.trim().to_string();
+    ensure!(!task_image.is_empty(), "ctr t checkpoint printed no image");
+    ensure!(cx.status(&id)?.as_deref() == Some("PAUSED"), "not PAUSED after ctr t checkpoint");
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(
+        number() == Some(frozen),
+        "the paused container ran during or after the checkpoint"
+    );
+    let pid = cx.ctr.task_pid(&id)?;
+    ensure!(
+        ckpt::freezer_states(pid)?
+            .iter()
+            .any(|(_, s)| s == "FROZEN" || s == "1"),
+        "no freezer holds the paused container after the checkpoint"
+    );
+    cx.ctr.ok(&["tasks", "resume", &id])?;
+    wait_for("the resumed counter", WAIT, || number().filter(|n| *n >= frozen + 3))?;
+    let _ = cx.ctr.run(&["images", "rm", &task_image]);
+    cx.remove(&id)
+}
+
+/// A container with a terminal: its pty is re-attached at restore; input and output
+/// flow through the new master.
+fn terminal_container(cx: &Ctx) -> Result<()> {
+    let id = cx.id("");
+    let image = cx.image_ref("");
+    let script = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; \
+                  if read -t 1 line; then echo \"got:$line\"; [ \"$line\" = quit ] && exit 0; fi; \
+                  done";
+    let run = cx.ctr.run_pty(
+        &[
+            "run",
+            "-d",
+            "-t",
+            "--runtime",
+            &cx.env.runtime,
+            ckpt::CKPT_IMAGE,
+            &id,
+            "sh",
+            "-c",
+            script,
+        ],
+        &[],
+    )?;
+    ensure!(run.success(), "ctr run -d -t failed: {run}");
+    cx.wait_number(&id, "/tmp/count", 2)?;
+    cx.checkpoint(&id, &image)?;
+    let before = cx.number(&id, "/tmp/count")?;
+    cx.remove(&id)?;
+    // `ctr c restore` of a terminal task attaches the terminal and waits for the exit.
+    let out = cx.ctr.run_pty(
+        &["containers", "restore", "--live", "--rw", &id, &image],
+        &[
+            Step {
+                after: "",
+                send: b"ping\r",
+            },
+            Step {
+                after: "got:ping",
+                send: b"quit\r",
+            },
+        ],
+    )?;
+    let shown = out.stdout_str();
+    ensure!(
+        shown.contains("got:ping"),
+        "the restored shell did not echo input: {out}"
+    );
+    ensure!(
+        out.success(),
+        "ctr c restore of the terminal task failed: {out}"
+    );
+    // ctr deletes the task once it has exited.
+    let st = cx.status(&id)?;
+    ensure!(
+        st.is_none() || st.as_deref() == Some("STOPPED"),
+        "the restored terminal task did not exit on quit: it is {st:?}; ctr showed:\n{shown}"
+    );
+    // It continued from the checkpoint rather than starting over.
+    ensure!(before >= 2, "counter {before}");
+    cx.remove(&id)
+}
+
+// ---- straight to the shim -------------------------------------------------------------
+
+use containerd_shim_protos::api;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::well_known_types::empty::Empty;
+use containerd_shim_protos::protobuf::{Message, MessageField};
+use containerd_shim_protos::shim::oci::CheckpointOptions;
+use runc_architect_tests::shim::{write_bundle, ShimProcess};
+
+/// A container run by a shim launched the way containerd launches it, its bundle and a
+/// directory for images.
+struct Direct {
+    shim: ShimProcess,
+    id: String,
+    bundle: PathBuf,
+    dir: PathBuf,
+}
+
+impl Direct {
+    /// Runs `args` in a new container, in the network namespace `netns` if given.
+    fn run(cx: &Ctx, args: &[&str], netns: Option<&NetNs>) -> Result<Direct> {
+        let id = cx.id("");
+        let dir = cx.env.containerd.scratch_dir(&id)?;
+        let bundle = dir.join("bundle");
+        let mut spec = runc_architect_tests::spec::default_spec(
+            "rootfs",
+            args,
+            &format!("/{}/{id}", cx.env.namespace),
+        );
+        if let (Some(ns), Some(list)) = (netns, spec["linux"]["namespaces"].as_array_mut()) {
+            for n in list.iter_mut() {
+                if n["type"] == "network" {
+                    n["path"] = serde_json::Value::String(ns.path());
+                }
+            }
+        }
+        write_bundle(&bundle, &spec, Some(&cx.env.builder))?;
+        let binary = cx.env.containerd.architect_shim().to_path_buf();
+        let mut shim =
+            ShimProcess::launch(&binary, &cx.env.containerd, &cx.env.namespace, &id, &bundle)?;
+        shim.run(&id, &bundle)?;
+        Ok(Direct {
+            shim,
+            id,
+            bundle,
+            dir,
+        })
+    }
+
+    /// Task.Checkpoint into `images` with `opts` (its image and work paths are set here).
+    fn checkpoint(&self, images: &Path, mut opts: CheckpointOptions) -> Result<()> {
+        opts.work_path = self.dir.join("work").display().to_string();
+        let any = Any {
+            type_url: "containerd.runc.v1.CheckpointOptions".into(),
+            value: opts.write_to_bytes()?,
+            ..Default::default()
+        };
+        let req = api::CheckpointTaskRequest {
+            id: self.id.clone(),
+            path: images.display().to_string(),
+            options: MessageField::some(any),
+            ..Default::default()
+        };
+        self.shim
+            .call::<_, Empty>("Checkpoint", &req)
+            .map_err(|e| anyhow::anyhow!("Checkpoint: {e}; shim log:\n{}", self.shim.log()))?;
+        Ok(())
+    }
+
+    /// Deletes the (stopped) container and creates it again from `images`, then starts it.
+    fn restore(&mut self, images: &Path) -> Result<()> {
+        self.shim
+            .delete(&self.id, "")
+            .context("delete the dumped container")?;
+        let req = api::CreateTaskRequest {
+            id: self.id.clone(),
+            bundle: self.bundle.display().to_string(),
+            checkpoint: images.display().to_string(),
+            ..Default::default()
+        };
+        self.shim.create_req(req).map_err(|e| {
+            anyhow::anyhow!(
+                "Create from checkpoint: {e}; shim log:\n{}",
+                self.shim.log()
+            )
+        })?;
+        self.shim
+            .start(&self.id, "")
+            .context("Start of the restored task")?;
+        Ok(())
+    }
+
+    /// The number in `file` of the container (read in the bundle's rootfs, which the
+    /// container uses as it is).
+    fn number(&self, file: &str) -> Result<u64> {
+        let path = self
+            .bundle
+            .join("rootfs")
+            .join(file.trim_start_matches('/'));
+        let s =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        s.trim()
+            .parse()
+            .with_context(|| format!("{file} holds {s:?}"))
+    }
+}
+
+/// An established TCP connection survives a dump with `open_tcp` and `exit` and a
+/// restore: the same client socket keeps talking to the restored server. Also checks
+/// that the images are root-only, and that stdio which is not a pipe (the shim's
+/// /dev/null for a task created without stdio) comes back.
+fn established_tcp_open_tcp(cx: &Ctx) -> Result<()> {
+    let ns = NetNs::create()?;
+    let mut d = Direct::run(cx, &["/bin/ckload", "echo", "7171"], Some(&ns))?;
+    let addr = ns.addr(7171);
+    ckpt::wait_answer(addr, Some("probe"), WAIT)?;
+    let mut conn = LineConn::connect(addr, WAIT)?;
+    ensure!(conn.ask("one")? == "pong 1 one", "first answer");
+    let images = d.dir.join("images");
+    d.checkpoint(
+        &images,
+        CheckpointOptions {
+            exit: true,
+            open_tcp: true,
+            ..Default::default()
+        },
+    )?;
+    d.shim
+        .wait(&d.id, "")
+        .context("wait for the dumped init to exit")?;
+    check_private(&images)?;
+    d.restore(&images)?;
+    let a = conn
+        .ask("two")
+        .context("the kept connection after restore")?;
+    ensure!(a == "pong 2 two", "the kept connection answered {a:?}");
+    d.shim.check_serves(&d.id, "probe")?;
+    d.shim.remove(&d.id);
+    Ok(())
+}
+
+/// A paused task is dumped as it is (it stays paused, frozen), and its dump restores.
+fn paused_dump_restores(cx: &Ctx) -> Result<()> {
+    let mut d = Direct::run(cx, &["sh", "-c", COUNTER], None)?;
+    wait_for("the counter to start", WAIT, || {
+        d.number("/tmp/count").ok().filter(|n| *n >= 3)
+    })?;
+    d.shim
+        .call::<_, Empty>(
+            "Pause",
+            &api::PauseRequest {
+                id: d.id.clone(),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("Pause: {e}"))?;
+    let frozen = d.number("/tmp/count")?;
+    let images = d.dir.join("images");
+    d.checkpoint(&images, CheckpointOptions::default())?;
+    ensure!(
+        d.shim.status(&d.id, "")? == "PAUSED",
+        "not PAUSED after the dump"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(d.number("/tmp/count")? == frozen, "the paused task ran");
+    d.shim
+        .call::<_, Empty>(
+            "Resume",
+            &api::ResumeRequest {
+                id: d.id.clone(),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("Resume: {e}"))?;
+    wait_for("the resumed counter", WAIT, || {
+        d.number("/tmp/count").ok().filter(|n| *n >= frozen + 3)
+    })?;
+    d.shim
+        .kill(&d.id, "", 9, true)
+        .map_err(|e| anyhow::anyhow!("Kill: {e}"))?;
+    d.shim
+        .wait(&d.id, "")
+        .map_err(|e| anyhow::anyhow!("Wait: {e}"))?;
+    d.restore(&images)?;
+    // Restored at the paused value, and running.
+    let n = d.number("/tmp/count")?;
+    ensure!(
+        n >= frozen && n < frozen + 20,
+        "restored at {n}, dumped at {frozen}"
+    );
+    wait_for("the restored counter", WAIT, || {
+        d.number("/tmp/count").ok().filter(|m| *m >= n + 3)
+    })?;
+    ensure!(
+        d.shim.status(&d.id, "")? == "RUNNING",
+        "restored task not RUNNING"
+    );
+    d.shim.remove(&d.id);
+    Ok(())
+}
+
+/// Directories 0700 and files 0600, all the way down.
+fn check_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if meta.is_dir() {
+        ensure!(mode == 0o700, "{} has mode {mode:o}", dir.display());
+        for e in std::fs::read_dir(dir)? {
+            check_private(&e?.path())?;
+        }
+    } else if meta.is_file() {
+        ensure!(mode == 0o600, "{} has mode {mode:o}", dir.display());
+    }
+    Ok(())
+}
+
+// ---- failures --------------------------------------------------------------------------
+
+/// Checks that a failed checkpoint left `id` running and untouched: RUNNING, not frozen,
+/// its counter still counting.
+fn check_untouched(cx: &Ctx, id: &str, counter: &str) -> Result<()> {
+    ensure!(
+        cx.status(id)?.as_deref() == Some("RUNNING"),
+        "{id} is {:?} after the failed checkpoint",
+        cx.status(id)?
+    );
+    let pid = cx.ctr.task_pid(id)?;
+    for (file, state) in ckpt::freezer_states(pid)? {
+        ensure!(
+            state == "THAWED" || state == "0",
+            "{} is {state} after the failed checkpoint",
+            file.display()
+        );
+    }
+    let n = cx.number(id, counter)?;
+    cx.wait_number(id, counter, n + 3)?;
+    Ok(())
+}
+
+/// No CRIU where the container's runtime options say it is.
+fn criu_missing(cx: &Ctx) -> Result<()> {
+    if cx.env.runtime != ARCHITECT_RUNTIME {
+        return Ok(());
+    }
+    let dir = cx.env.containerd.scratch_dir(&cx.id("-opts"))?;
+    let opts = dir.join("runtime.toml");
+    std::fs::write(&opts, "CriuPath = \"/nonexistent/criu\"\n")?;
+    let id = cx.id("");
+    cx.run_detached(
+        &id,
+        &["--runtime-config-path", &opts.display().to_string()],
+        &["sh", "-c", COUNTER],
+    )?;
+    cx.wait_number(&id, "/tmp/count", 3)?;
+    let out = cx.ctr.run(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        "--rw",
+        &id,
+        &cx.image_ref(""),
+    ])?;
+    let out = out.failed()?;
+    let err = out.stderr_str();
+    ensure!(
+        err.contains("CRIU binary") && err.contains("/nonexistent/criu"),
+        "the error does not say CRIU is missing: {err}"
+    );
+    check_untouched(cx, &id, "/tmp/count")?;
+    cx.remove(&id)
+}
+
+/// CRIU killed in the middle of dumping 256 MiB: the container runs on with its memory
+/// intact and the error says what happened to CRIU.
+fn criu_killed_mid_dump(cx: &Ctx) -> Result<()> {
+    if cx.env.runtime != ARCHITECT_RUNTIME {
+        return Ok(());
+    }
+    let ns = NetNs::create()?;
+    let id = cx.id("");
+    let with_ns = format!("network:{}", ns.path());
+    cx.run_detached(
+        &id,
+        &["--with-ns", &with_ns],
+        &[
+            "sh",
+            "-c",
+            "/bin/ckload heap 256 7272 & while true; do date +%s%N > /tmp/count; sleep 0.1; done",
+        ],
+    )?;
+    let addr = ns.addr(7272);
+    let (sum, _) = ckpt::wait_answer(addr, None, WAIT)?;
+    let shim = ckpt::shim_pids(&cx.env.namespace, &id);
+    ensure!(
+        shim.len() == 1,
+        "expected one shim for {id}, found {shim:?}"
+    );
+    let shim = shim[0];
+    let bg = cx.ctr.spawn(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        "--rw",
+        &id,
+        &cx.image_ref(""),
+    ])?;
+    let criu = wait_for("CRIU to start under the shim", WAIT, || {
+        ckpt::children_named(shim, "criu").first().copied()
+    })?;
+    // Let it get into the dump proper.
+    std::thread::sleep(Duration::from_millis(60));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(criu),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let out = bg.wait(WAIT)?.failed()?;
+    let err = out.stderr_str();
+    ensure!(
+        err.contains("CRIU") && (err.contains("signal 9") || err.contains("closed the session")),
+        "the error does not say CRIU died: {err}"
+    );
+    // `date +%s%N` is not a counter: wait for the file to change instead.
+    let t0 = cx.exec(&id, &["cat", "/tmp/count"])?;
+    wait_for("the container to keep running", WAIT, || {
+        cx.exec(&id, &["cat", "/tmp/count"])
+            .ok()
+            .filter(|t| *t != t0)
+    })?;
+    ensure!(cx.status(&id)?.as_deref() == Some("RUNNING"), "not RUNNING");
+    let pid = cx.ctr.task_pid(&id)?;
+    for (file, state) in ckpt::freezer_states(pid)? {
+        ensure!(
+            state == "THAWED" || state == "0",
+            "{} is {state}",
+            file.display()
+        );
+    }
+    let (again, _) = ckpt::wait_answer(addr, None, WAIT)?;
+    ensure!(again == sum, "the heap changed: {sum:?} then {again:?}");
+    cx.remove(&id)
+}
+
+/// A perf event descriptor cannot be dumped: the caller gets CRIU's reason, the
+/// container runs on.
+fn undumpable_resource(cx: &Ctx) -> Result<()> {
+    let id = cx.id("");
+    cx.run_detached(&id, &[], &["/bin/ckload", "perf", "/tmp/count"])?;
+    cx.wait_number(&id, "/tmp/count", 5)?;
+    let out = cx
+        .ctr
+        .run(&[
+            "containers",
+            "checkpoint",
+            "--task",
+            "--rw",
+            &id,
+            &cx.image_ref(""),
+        ])?
+        .failed()?;
+    let err = out.stderr_str();
+    if cx.env.runtime == ARCHITECT_RUNTIME {
+        ensure!(
+            err.contains("CRIU") && err.contains("perf"),
+            "the error does not carry CRIU's reason: {err}"
+        );
+    }
+    check_untouched(cx, &id, "/tmp/count")?;
+    cx.remove(&id)
+}
+
+// ---- the runner ------------------------------------------------------------------------
+
+type Scenario = (&'static str, fn(&Ctx) -> Result<()>);
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        ("counter_continues", counter_continues),
+        ("restore_fresh_after_delete", restore_fresh_after_delete),
+        ("tcp_server_in_netns", tcp_server_in_netns),
+        ("process_tree_pipes_unix", process_tree_pipes_unix),
+        ("tmpfs_and_bind_mount", tmpfs_and_bind_mount),
+        ("paused_container", paused_container),
+        ("terminal_container", terminal_container),
+        ("established_tcp_open_tcp", established_tcp_open_tcp),
+        ("paused_dump_restores", paused_dump_restores),
+        ("criu_missing", criu_missing),
+        ("criu_killed_mid_dump", criu_killed_mid_dump),
+        ("undumpable_resource", undumpable_resource),
+    ]
+}
+
+fn main() {
+    let args = suite::arguments();
+    let mut trials = Vec::new();
+    let mut envs = Vec::new();
+    match Version::selected() {
+        Ok(versions) => {
+            for version in versions {
+                let env = Arc::new(LazyShared::new(move || {
+                    version.check_installed()?;
+                    Env::start(version).with_context(|| format!("cannot set up {version}"))
+                }));
+                envs.push(env.clone());
+                for (name, run) in scenarios() {
+                    let env = env.clone();
+                    trials.push(Trial::test(
+                        format!("{version}::{name}"),
+                        move || -> Result<(), Failed> {
+                            let e = env.get()?;
+                            let cx = Ctx::new(e.clone(), name);
+                            run(&cx).map_err(|err| {
+                                let log = e.containerd.log_tail(40);
+                                Failed::from(format!(
+                                    "{err:#}\n--- containerd log (tail) ---\n{log}"
+                                ))
+                            })
+                        },
+                    ));
+                }
+            }
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            trials.push(Trial::test("select-containerd-versions", move || {
+                Err(msg.clone().into())
+            }));
+        }
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
+    for e in &envs {
+        e.shutdown();
+    }
+    conclusion.exit();
+}
