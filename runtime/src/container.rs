@@ -28,6 +28,12 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// What happens to containers, reported to the shim, which turns these into events.
 #[derive(Debug, Clone)]
 pub enum RuntimeEvent {
+    /// A process started (`exec_id` empty for the init); always before its exit.
+    Started {
+        container_id: String,
+        exec_id: String,
+        pid: u32,
+    },
     Exit {
         container_id: String,
         exec_id: String,
@@ -87,6 +93,7 @@ impl Container {
         }
         std::fs::create_dir_all(&cfg.state_root)
             .map_err(|e| Error::io("create state root", &cfg.state_root, e))?;
+        crate::rootfs::ensure_cwd(&cfg.bundle)?;
         let init = Arc::new(Process::new("", cfg.stdio.clone()));
         let (mut io, child) = ProcessIo::prepare(&cfg.stdio, &std::env::temp_dir())?;
         let req = Request::Create {
@@ -190,6 +197,7 @@ impl Container {
         for p in running {
             let _ = tokio::time::timeout(Duration::from_secs(2), p.wait()).await;
         }
+        let _gate = self.init.start_gate.lock().await;
         let exit = self.init.set_exited(status);
         let pid = self.init.pid().max(0) as u32;
         info!(container = %self.id, pid, status, "init exited");
@@ -236,22 +244,27 @@ impl Container {
         if !exec_id.is_empty() {
             return self.start_exec(exec_id).await;
         }
-        if self
+        let _gate = self.init.start_gate.lock().await;
+        if !self
             .restored
             .swap(false, std::sync::atomic::Ordering::SeqCst)
         {
-            return Ok(self.init.pid());
+            self.init.check_start()?;
+            let (root, id) = (self.state_root.clone(), self.id.clone());
+            blocking(move || start_init(&root, &id)).await?;
+            self.init.set_status(Status::Running);
         }
-        self.init.check_start()?;
-        let (root, id) = (self.state_root.clone(), self.id.clone());
-        blocking(move || {
-            let mut c = load(&root, &id)?;
-            c.start()
-                .map_err(|e| runtime_err("OCI runtime start failed", e))
-        })
-        .await?;
-        self.init.set_status(Status::Running);
-        Ok(self.init.pid())
+        let pid = self.init.pid();
+        self.report_started("", pid);
+        Ok(pid)
+    }
+
+    fn report_started(&self, exec_id: &str, pid: i32) {
+        let _ = self.events.send(RuntimeEvent::Started {
+            container_id: self.id.clone(),
+            exec_id: exec_id.to_string(),
+            pid: pid.max(0) as u32,
+        });
     }
 
     /// Registers an exec process; it runs at [`Container::start`] with its id.
@@ -284,6 +297,7 @@ impl Container {
                 .ok_or_else(|| Error::NotFound(format!("process {exec_id} does not exist")))?;
             (e.process.clone(), e.spec.clone())
         };
+        let _gate = process.start_gate.lock().await;
         process.check_start()?;
         if self.init.status() == Status::Stopped {
             return Err(Error::FailedPrecondition(format!(
@@ -325,6 +339,7 @@ impl Container {
         let (cid, eid, p) = (self.id.clone(), exec_id.to_string(), process.clone());
         tokio::spawn(async move {
             let status = exit_rx.await.unwrap_or(255) as u32;
+            let _gate = p.start_gate.lock().await;
             let exit = p.set_exited(status);
             debug!(container = %cid, exec = %eid, pid, status, "exec exited");
             let _ = events.send(RuntimeEvent::Exit {
@@ -334,6 +349,7 @@ impl Container {
                 exit,
             });
         });
+        self.report_started(exec_id, pid);
         Ok(pid)
     }
 
@@ -576,6 +592,30 @@ impl Container {
     pub fn bundle(&self) -> &Path {
         &self.bundle
     }
+}
+
+/// Starts a created init. This is libcontainer's `Container::start` with one difference
+/// users can see: poststart hooks get the state as runc gives it to them (status
+/// `created`, the state before the start took effect), not `running`.
+fn start_init(root: &Path, id: &str) -> Result<()> {
+    use libcontainer::container::ContainerStatus;
+    let runtime = |e: String| Error::Runtime { context: "OCI runtime start failed".into(), message: e };
+    let mut c = load(root, id)?;
+    c.refresh_status().map_err(|e| runtime(e.to_string()))?;
+    if !c.can_start() {
+        return Err(Error::State(format!("cannot start a container in state {:?}", c.status())));
+    }
+    let config = libcontainer::config::YoukiConfig::load(&c.root).map_err(|e| runtime(e.to_string()))?;
+    let hook_state = c.state.clone();
+    libcontainer::notify_socket::NotifySocket::new(c.root.join(libcontainer::notify_socket::NOTIFY_FILE))
+        .notify_container_start()
+        .map_err(|e| runtime(e.to_string()))?;
+    c.set_status(ContainerStatus::Running).save().map_err(|e| runtime(e.to_string()))?;
+    if let Some(hooks) = config.hooks.as_ref() {
+        libcontainer::hooks::run_hooks(hooks.poststart().as_ref(), Some(&hook_state), Some(&c.root), None, None)
+            .map_err(|e| Error::Runtime { context: "poststart hook failed".into(), message: e.to_string() })?;
+    }
+    Ok(())
 }
 
 fn load(root: &Path, id: &str) -> Result<libcontainer::container::Container> {

@@ -73,6 +73,7 @@ pub fn run_if_helper() -> Option<i32> {
     if args.next().as_deref() != Some(std::ffi::OsStr::new(HELPER_ARG)) {
         return None;
     }
+    reset_signals();
     // libcontainer logs through tracing, also from the container's init after that has
     // replaced fds 0-2 with the container's stdio. Log to a close-on-exec duplicate of
     // our stderr instead, so those lines reach the shim (which attaches them to its
@@ -148,6 +149,11 @@ fn perform(req: Request) -> Result<i32, String> {
             if join_unified {
                 crate::cgroups::join_unified_like_v1(pid).map_err(|e| e.to_string())?;
             }
+            if own_netns(pid) {
+                // Network first: entering the mount namespace changes what /proc shows.
+                loopback_up(pid)?;
+                sysfs_readonly(pid, &bundle)?;
+            }
             Ok(pid)
         }
         Request::Exec {
@@ -192,6 +198,111 @@ fn with_stdio(
 /// Words a create failure with the file it is about, the way users read runc's errors.
 fn describe_create_error(bundle: &Path, e: libcontainer::error::LibcontainerError) -> String {
     format!("{e} (bundle {})", bundle.display())
+}
+
+/// Brings up the loopback interface of the container's network namespace if it has its
+/// own, as runc does also for a namespace joined by path (`ip netns add` leaves `lo` down).
+/// Runs in the helper, which is single-threaded and about to exit, so entering the
+/// namespace affects nothing else.
+fn loopback_up(pid: i32) -> Result<(), String> {
+    use nix::sched::{setns, CloneFlags};
+    let theirs = format!("/proc/{pid}/ns/net");
+    let ns = std::fs::File::open(&theirs).map_err(|e| format!("open {theirs}: {e}"))?;
+    setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("enter network namespace of {pid}: {e}"))?;
+    // SAFETY: a plain socket used only for the interface ioctls below; closed on return.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `sock` was just returned by socket(2) and nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we pass, which lives for
+    // the duration of each call.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(format!("get flags of lo: {}", std::io::Error::last_os_error()));
+        }
+        if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+                return Err(format!("bring up lo: {}", std::io::Error::last_os_error()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `pid` has a network namespace of its own (not ours) and shares our user
+/// namespace: only then is its sysfs superblock its own, and its loopback ours to touch.
+fn own_netns(pid: i32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: String| std::fs::metadata(p).map(|m| m.ino()).ok();
+    let net = ino(format!("/proc/{pid}/ns/net")).zip(ino("/proc/self/ns/net".into()));
+    let user = ino(format!("/proc/{pid}/ns/user")).zip(ino("/proc/self/ns/user".into()));
+    matches!(net, Some((a, b)) if a != b) && matches!(user, Some((a, b)) if a == b)
+}
+
+/// Makes a read-only `/sys` read-only at the superblock too, as runc's mount with
+/// `MS_RDONLY` does (libcontainer mounts it read-write and then makes only the mount
+/// read-only, which `/proc/self/mountinfo` shows). Only for a container with its own
+/// network namespace: sysfs has one superblock per network namespace, so the host's is
+/// never touched.
+fn sysfs_readonly(pid: i32, bundle: &Path) -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    use nix::sched::{setns, CloneFlags};
+    let Ok(text) = std::fs::read_to_string(bundle.join("config.json")) else { return Ok(()) };
+    let Ok(spec) = serde_json::from_str::<serde_json::Value>(&text) else { return Ok(()) };
+    let Some(mounts) = spec.get("mounts").and_then(|m| m.as_array()) else { return Ok(()) };
+    let Some(sys) = mounts.iter().find(|m| {
+        m.get("destination").and_then(|d| d.as_str()) == Some("/sys")
+            && m.get("type").and_then(|t| t.as_str()) == Some("sysfs")
+    }) else {
+        return Ok(());
+    };
+    let opts: Vec<&str> = sys
+        .get("options")
+        .and_then(|o| o.as_array())
+        .map(|o| o.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    if !opts.contains(&"ro") {
+        return Ok(());
+    }
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    for (name, flag) in [("nosuid", MsFlags::MS_NOSUID), ("nodev", MsFlags::MS_NODEV), ("noexec", MsFlags::MS_NOEXEC)] {
+        if opts.contains(&name) {
+            flags |= flag;
+        }
+    }
+    let ns_path = format!("/proc/{pid}/ns/mnt");
+    let ns = std::fs::File::open(&ns_path).map_err(|e| format!("open {ns_path}: {e}"))?;
+    // Entering the mount namespace also moves our root and cwd to the container's root.
+    setns(&ns, CloneFlags::CLONE_NEWNS).map_err(|e| format!("enter mount namespace of {pid}: {e}"))?;
+    mount(None::<&str>, "/sys", None::<&str>, flags, None::<&str>)
+        .map_err(|e| format!("remount /sys read-only in container {pid}: {e}"))
+}
+
+/// Gives the container the signal state a process normally starts with. The Rust runtime
+/// ignores SIGPIPE in every Rust program, this helper included, and an ignored signal stays
+/// ignored across exec: without this, `yes | head` in a container would never end, because
+/// `yes` would get EPIPE instead of dying of SIGPIPE. The signal mask is cleared too.
+fn reset_signals() {
+    use nix::sys::signal::{sigaction, signal, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    for sig in Signal::iterator() {
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: installing the default disposition runs no code of ours in a signal context.
+        let _ = unsafe { sigaction(sig, &SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty())) };
+    }
+    // SAFETY: as above; SIGPIPE explicitly, in case the loop above was cut short.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }
 
 /// A shared log file handle usable as a tracing writer.

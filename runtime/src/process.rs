@@ -36,6 +36,10 @@ pub struct Process {
     inner: Mutex<Inner>,
     exit_tx: watch::Sender<Option<ExitInfo>>,
     pub(crate) io: tokio::sync::Mutex<Option<ProcessIo>>,
+    /// Held while the process is being started and its start reported, and taken before
+    /// its exit is reported: a process that dies at once is still reported as started
+    /// first, as containerd expects.
+    pub(crate) start_gate: tokio::sync::Mutex<()>,
 }
 
 struct Inner {
@@ -67,6 +71,7 @@ impl Process {
             }),
             exit_tx,
             io: tokio::sync::Mutex::new(None),
+            start_gate: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -57,3 +57,36 @@ pub fn unmount(bundle: &Path) {
         warn!(rootfs = t, "unmount rootfs: {e}");
     }
 }
+
+/// Creates the process's working directory in the rootfs when it is missing, as runc does
+/// (`ctr run --cwd /new/dir` works with the stock shim; libcontainer would refuse it).
+///
+/// The path is walked one component at a time without following symlinks: a symlink in
+/// an image must never make the shim create directories outside the rootfs, so the walk
+/// stops at the first symlink and leaves the rest to the runtime (which resolves it
+/// inside the container). Directories are created 0755, owned by root.
+pub fn ensure_cwd(bundle: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let config = bundle.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&config) else { return Ok(()) };
+    let Ok(spec) = serde_json::from_str::<serde_json::Value>(&text) else { return Ok(()) };
+    let Some(cwd) = spec.pointer("/process/cwd").and_then(|v| v.as_str()) else { return Ok(()) };
+    let Some(root) = spec.pointer("/root/path").and_then(|v| v.as_str()) else { return Ok(()) };
+    let mut dir = bundle.join(root);
+    for comp in Path::new(cwd).components() {
+        let std::path::Component::Normal(name) = comp else { continue };
+        dir.push(name);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.file_type().is_symlink() || !m.is_dir() => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(&dir)
+                    .map_err(|e| Error::io("create working directory", &dir, e))?;
+            }
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}

@@ -54,12 +54,24 @@ impl CriuRegistry {
     }
 }
 
-/// The CRIU configuration from runtime options.
+/// Environment variable that sets CRIU's log level (0-4) for debugging.
+pub const LOG_LEVEL_ENV: &str = "RA_CRIU_LOG_LEVEL";
+
+/// The CRIU configuration from runtime options (and `RA_CRIU_LOG_LEVEL` from the shim's
+/// environment).
 pub fn criu_config(opts: &RuntimeOptions) -> CriuConfig {
-    match &opts.criu_path {
-        Some(p) => CriuConfig { binary: p.clone() },
-        None => CriuConfig::default(),
+    let mut c = CriuConfig::default();
+    if let Some(p) = &opts.criu_path {
+        c.binary = p.clone();
     }
+    if let Some(level) = std::env::var(LOG_LEVEL_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .filter(|l| (0..=4).contains(l))
+    {
+        c.log_level = level;
+    }
+    c
 }
 
 fn invalid(msg: impl AsRef<str>) -> ttrpc::Error {
@@ -106,8 +118,7 @@ pub fn checkpoint_request(
             image_dir.display()
         )));
     }
-    let cgroups_mode =
-        CgroupsMode::parse(&o.cgroups_mode).map_err(|e| invalid(e.to_string()))?;
+    let cgroups_mode = CgroupsMode::parse(&o.cgroups_mode).map_err(|e| invalid(e.to_string()))?;
     Ok(CheckpointRequest {
         image_dir,
         work_dir: (!o.work_path.is_empty()).then(|| PathBuf::from(&o.work_path)),
@@ -186,7 +197,7 @@ mod tests {
         let r = checkpoint_request(&req, CriuConfig::default()).unwrap();
         assert_eq!(r.image_dir, PathBuf::from("/tmp/ctd-checkpoint1"));
         assert!(!r.exit && r.work_dir.is_none());
-        assert_eq!(r.cgroups_mode, CgroupsMode::Soft);
+        assert_eq!(r.cgroups_mode, CgroupsMode::Ignore);
     }
 
     #[test]
@@ -201,7 +212,10 @@ mod tests {
             ..Default::default()
         };
         let err = checkpoint_request(&req, CriuConfig::default()).unwrap_err();
-        assert!(format!("{err:?}").contains("containerd.runc.v1.Options"), "{err:?}");
+        assert!(
+            format!("{err:?}").contains("containerd.runc.v1.Options"),
+            "{err:?}"
+        );
         let o = CheckpointOptions {
             cgroups_mode: "bogus".into(),
             ..Default::default()

@@ -7,7 +7,7 @@
 use std::time::SystemTime;
 
 use containerd_shim::asynchronous::publisher::RemotePublisher;
-use containerd_shim::protos::events::task::{TaskExit, TaskOOM};
+use containerd_shim::protos::events::task::{TaskExecStarted, TaskExit, TaskOOM, TaskStart};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::topics;
@@ -47,6 +47,19 @@ impl Events {
     pub async fn forward(self, mut rx: UnboundedReceiver<RuntimeEvent>) {
         while let Some(ev) = rx.recv().await {
             match ev {
+                RuntimeEvent::Started { container_id, exec_id, pid } if exec_id.is_empty() => {
+                    let mut e = TaskStart::new();
+                    e.container_id = container_id;
+                    e.pid = pid;
+                    self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(e)).await;
+                }
+                RuntimeEvent::Started { container_id, exec_id, pid } => {
+                    let mut e = TaskExecStarted::new();
+                    e.container_id = container_id;
+                    e.exec_id = exec_id;
+                    e.pid = pid;
+                    self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(e)).await;
+                }
                 RuntimeEvent::Exit {
                     container_id,
                     exec_id,
@@ -83,5 +96,13 @@ pub fn timestamp(t: SystemTime) -> Timestamp {
     let mut ts = Timestamp::new();
     ts.seconds = d.as_secs() as i64;
     ts.nanos = d.subsec_nanos() as i32;
+    ts
+}
+
+/// The timestamp the stock shim reports for a process that has not exited: Go's zero
+/// `time.Time` (0001-01-01T00:00:00Z), which containerd and ctr show as such.
+pub fn not_exited() -> Timestamp {
+    let mut ts = Timestamp::new();
+    ts.seconds = -62_135_596_800;
     ts
 }

@@ -30,6 +30,8 @@ pub struct Service {
     id: String,
     debug: bool,
     exit: Arc<ExitSignal>,
+    /// The socket this shim serves on (`-socket`).
+    socket: String,
 }
 
 #[async_trait]
@@ -42,6 +44,7 @@ impl Shim for Service {
             id: args.id.clone(),
             debug: args.debug,
             exit: Arc::new(ExitSignal::default()),
+            socket: args.socket.clone(),
         }
     }
 
@@ -74,6 +77,14 @@ impl Shim for Service {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // The shim crate removes the socket named by the bundle's `address` file after
+        // this returns, but containerd has deleted the bundle by then: the socket file
+        // would stay, and the next shim for the same id (a restore after delete, a
+        // re-run) would first wait a second for the dead socket to answer.
+        let path = self.socket.strip_prefix("unix://").unwrap_or(&self.socket);
+        if !path.is_empty() && !path.starts_with('@') {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {

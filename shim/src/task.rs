@@ -12,8 +12,7 @@ use async_trait::async_trait;
 use containerd_shim::api;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskIO, TaskPaused, TaskResumed,
-    TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskIO, TaskPaused, TaskResumed,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::{Message, MessageField};
@@ -30,7 +29,7 @@ use tokio::sync::RwLock;
 use tracing::{info, instrument};
 
 use crate::checkpoint::{self, CriuRegistry};
-use crate::events::{timestamp, Events};
+use crate::events::{not_exited, timestamp, Events};
 use crate::options::RuntimeOptions;
 use crate::store::NodeStore;
 use crate::trim::Trimmer;
@@ -270,23 +269,9 @@ impl Task for TaskService {
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
         let c = self.container(&req.id).await?;
+        // The start event is published from the runtime's event stream, which orders it
+        // before the process's exit.
         let pid = c.start(&req.exec_id).await.map_err(rt_err)? as u32;
-        if req.exec_id.is_empty() {
-            let mut ev = TaskStart::new();
-            ev.container_id = req.id.clone();
-            ev.pid = pid;
-            self.events
-                .publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
-                .await;
-        } else {
-            let mut ev = TaskExecStarted::new();
-            ev.container_id = req.id.clone();
-            ev.exec_id = req.exec_id.clone();
-            ev.pid = pid;
-            self.events
-                .publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
-                .await;
-        }
         Ok(api::StartResponse {
             pid,
             ..Default::default()
@@ -350,9 +335,12 @@ impl Task for TaskService {
             exec_id: req.exec_id.clone(),
             ..Default::default()
         };
-        if let Some(exit) = s.exit {
-            resp.exit_status = exit.status;
-            resp.exited_at = MessageField::some(timestamp(exit.at));
+        match s.exit {
+            Some(exit) => {
+                resp.exit_status = exit.status;
+                resp.exited_at = MessageField::some(timestamp(exit.at));
+            }
+            None => resp.exited_at = MessageField::some(not_exited()),
         }
         Ok(resp)
     }

@@ -18,6 +18,8 @@
 //!   differential suites.
 //! - [`shim`]: start a shim binary the way containerd does and speak its task API over ttrpc
 //!   (bad-input tests, exact error codes).
+//! - [`ckpt`]: checkpoint/restore pieces: the `ckload` workloads (built with `gcc -static`),
+//!   named network namespaces wired to the host, TCP probes, finding the CRIU a shim runs.
 
 pub mod ckpt;
 pub mod cleanup;

@@ -118,10 +118,16 @@ impl Ctx {
 
     /// The number in `file` inside container `id`.
     fn number(&self, id: &str, file: &str) -> Result<u64> {
-        let s = self.exec(id, &["cat", file])?;
-        s.trim()
-            .parse()
-            .with_context(|| format!("{file} in {id} holds {s:?}, not a number"))
+        // The workloads rewrite the file (truncate, then write): retry an empty read.
+        let mut last = String::new();
+        for _ in 0..20 {
+            last = self.exec(id, &["cat", file])?;
+            if let Ok(n) = last.trim().parse() {
+                return Ok(n);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        anyhow::bail!("{file} in {id} holds {last:?}, not a number")
     }
 
     /// Waits until the number in `file` is at least `min`; returns it.
@@ -420,7 +426,10 @@ fn paused_container(cx: &Ctx) -> Result<()> {
     let host_dir = cx.env.containerd.scratch_dir(&cx.id("-out"))?;
     let count = host_dir.join("count");
     let number = || -> Option<u64> { ckpt::read_trimmed(&count).ok()?.parse().ok() };
-    let bind = format!("type=bind,src={},dst=/out,options=rbind:rw", host_dir.display());
+    let bind = format!(
+        "type=bind,src={},dst=/out,options=rbind:rw",
+        host_dir.display()
+    );
     let id = cx.id("");
     let script = "i=0; while true; do i=$((i+1)); echo $i > /out/count; sleep 0.1; done";
     cx.run_detached(&id, &["--mount", &bind], &["sh", "-c", script])?;
@@ -430,7 +439,10 @@ fn paused_container(cx: &Ctx) -> Result<()> {
     let out = cx.ctr.ok(&["tasks", "checkpoint", &id])?.stdout_str();
     let task_image = out.trim().to_string();
     ensure!(!task_image.is_empty(), "ctr t checkpoint printed no image");
-    ensure!(cx.status(&id)?.as_deref() == Some("PAUSED"), "not PAUSED after ctr t checkpoint");
+    ensure!(
+        cx.status(&id)?.as_deref() == Some("PAUSED"),
+        "not PAUSED after ctr t checkpoint"
+    );
     std::thread::sleep(Duration::from_millis(300));
     ensure!(
         number() == Some(frozen),
@@ -444,7 +456,9 @@ fn paused_container(cx: &Ctx) -> Result<()> {
         "no freezer holds the paused container after the checkpoint"
     );
     cx.ctr.ok(&["tasks", "resume", &id])?;
-    wait_for("the resumed counter", WAIT, || number().filter(|n| *n >= frozen + 3))?;
+    wait_for("the resumed counter", WAIT, || {
+        number().filter(|n| *n >= frozen + 3)
+    })?;
     let _ = cx.ctr.run(&["images", "rm", &task_image]);
     cx.remove(&id)
 }
@@ -576,7 +590,17 @@ impl Direct {
         };
         self.shim
             .call::<_, Empty>("Checkpoint", &req)
-            .map_err(|e| anyhow::anyhow!("Checkpoint: {e}; shim log:\n{}", self.shim.log()))?;
+            .map_err(|e| {
+                let log = std::fs::read_to_string(self.dir.join("work").join("dump.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                anyhow::anyhow!(
+                    "Checkpoint: {e}; shim log:\n{}\n--- CRIU's dump.log (tail) ---\n{}",
+                    self.shim.log(),
+                    tail.join("\n")
+                )
+            })?;
         Ok(())
     }
 
@@ -610,11 +634,12 @@ impl Direct {
             .bundle
             .join("rootfs")
             .join(file.trim_start_matches('/'));
-        let s =
-            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-        s.trim()
-            .parse()
-            .with_context(|| format!("{file} holds {s:?}"))
+        // The shell rewrites the file (truncate, then write): retry an empty read.
+        try_wait_for(&format!("a number in {}", path.display()), WAIT, || {
+            let s = std::fs::read_to_string(&path)
+                .with_context(|| format!("read {}", path.display()))?;
+            Ok(s.trim().parse().ok())
+        })
     }
 }
 

@@ -67,7 +67,7 @@ fn register_v1(dir: &Path) -> Result<OwnedFd> {
     Ok(efd)
 }
 
-async fn watch_v1(efd: OwnedFd, dir: &PathBuf, on_oom: impl Fn()) -> std::io::Result<()> {
+async fn watch_v1(efd: OwnedFd, dir: &Path, on_oom: impl Fn()) -> std::io::Result<()> {
     // SAFETY: an OwnedFd keeps its descriptor open and unchanged until dropped, and the
     // AsyncFd owns it for its whole life.
     let afd = unsafe { AsyncFd::register(efd) }.map_err(std::io::Error::from)?;

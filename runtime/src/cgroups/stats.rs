@@ -75,8 +75,61 @@ fn v1_metrics(paths: &CgroupPaths) -> v1::Metrics {
     }
     if let Some(dir) = paths.v1("memory") {
         m.memory = MessageField::some(v1_memory(dir));
+        let oc = read_keyed(&dir.join("memory.oom_control"));
+        let mut o = v1::MemoryOomControl::new();
+        o.oom_kill_disable = oc.get("oom_kill_disable").copied().unwrap_or(0);
+        o.under_oom = oc.get("under_oom").copied().unwrap_or(0);
+        o.oom_kill = oc.get("oom_kill").copied().unwrap_or(0);
+        m.memory_oom_control = MessageField::some(o);
+    }
+    if let Some(dir) = paths.v1("blkio") {
+        m.blkio = MessageField::some(v1_blkio(dir));
     }
     m
+}
+
+/// blkio statistics; like containerd, the CFQ files first and the throttle files when
+/// those are empty (they are on most current kernels).
+fn v1_blkio(dir: &Path) -> v1::BlkIOStat {
+    let read = |name: &str| -> Vec<v1::BlkIOEntry> {
+        let primary = blkio_entries(&dir.join(format!("blkio.{name}")));
+        if primary.is_empty() && matches!(name, "io_service_bytes_recursive" | "io_serviced_recursive") {
+            return blkio_entries(&dir.join(format!("blkio.throttle.{}", name.trim_end_matches("_recursive"))));
+        }
+        primary
+    };
+    let mut b = v1::BlkIOStat::new();
+    b.io_service_bytes_recursive = read("io_service_bytes_recursive");
+    b.io_serviced_recursive = read("io_serviced_recursive");
+    b.io_queued_recursive = read("io_queued_recursive");
+    b.io_service_time_recursive = read("io_service_time_recursive");
+    b.io_wait_time_recursive = read("io_wait_time_recursive");
+    b.io_merged_recursive = read("io_merged_recursive");
+    b.io_time_recursive = read("time_recursive");
+    b.sectors_recursive = read("sectors_recursive");
+    b
+}
+
+/// Parses `MAJ:MIN [Op] value` lines; `Total` lines are skipped.
+fn blkio_entries(path: &Path) -> Vec<v1::BlkIOEntry> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (dev, op, value) = match f.as_slice() {
+                [dev, op, value] => (*dev, *op, *value),
+                [dev, value] => (*dev, "", *value),
+                _ => return None,
+            };
+            let (major, minor) = dev.split_once(':')?;
+            let mut e = v1::BlkIOEntry::new();
+            e.major = major.parse().ok()?;
+            e.minor = minor.parse().ok()?;
+            e.op = op.to_string();
+            e.value = value.parse().ok()?;
+            Some(e)
+        })
+        .collect()
 }
 
 fn v1_memory(dir: &Path) -> v1::MemoryStat {

@@ -15,8 +15,7 @@ use super::mounts::{self, parse_mountinfo};
 use super::netlock::{self, LockWatch};
 use super::spawner::ShimSpawner;
 use super::{
-    restrict_tree, CheckpointError, CheckpointRequest, CRIU_LOG_LEVEL, DUMP_LOG,
-    EXT_NET_NS_KEY, EXT_PID_NS_KEY,
+    restrict_tree, CheckpointError, CheckpointRequest, DUMP_LOG, EXT_NET_NS_KEY, EXT_PID_NS_KEY,
 };
 use crate::cgroups::CgroupPaths;
 use crate::exits::ExitWatcher;
@@ -68,7 +67,10 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
     let rootfs = rootfs_of(&bundle, &spec);
 
     create_private_dir(id, &req.image_dir)?;
-    let work_dir = req.work_dir.clone().unwrap_or_else(|| req.image_dir.clone());
+    let work_dir = req
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| req.image_dir.clone());
     create_private_dir(id, &work_dir)?;
 
     let cgroups = CgroupPaths::of_pid(pid)
@@ -85,14 +87,14 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
         .images_dir(&req.image_dir)
         .work_dir(&work_dir)
         .log_file(DUMP_LOG)
-        .log_level(CRIU_LOG_LEVEL)
+        .log_level(req.criu.log_level)
         .root(rootfs.to_string_lossy())
         .leave_running(!req.exit)
         .tcp_established(req.open_tcp)
         .ext_unix_sk(req.external_unix_sockets)
         .shell_job(req.terminal)
         .file_locks(req.file_locks)
-        .manage_cgroups(true)
+        .manage_cgroups(req.cgroups_mode.managed())
         .manage_cgroups_mode(req.cgroups_mode.criu())
         .network_lock(req.network_lock.criu());
     if let Some(parent) = &req.parent {
@@ -149,7 +151,11 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
     let mut stdio = Vec::with_capacity(3);
     for fd in 0..3 {
         let rec = stdio_record(id, pid, fd, &mount_ids)?;
-        if let Some(key) = rec.inherit_key.as_deref().filter(|k| k.starts_with("file[")) {
+        if let Some(key) = rec
+            .inherit_key
+            .as_deref()
+            .filter(|k| k.starts_with("file["))
+        {
             opts = opts.external(key.to_string());
         }
         stdio.push(rec);
@@ -199,11 +205,20 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
     }
     opts = opts.freeze_cgroup(freezer.path().to_string_lossy());
 
+    let spawner = Arc::new(ShimSpawner::new(exits.clone()));
     let criu = Criu::with_binary(&req.criu.binary)
-        .spawner(Arc::new(ShimSpawner::new(exits.clone())))
+        .spawner(spawner.clone())
         .stderr(CriuStderr::Null);
     let mut watch = LockWatch::default();
-    let result = criu.dump_with_notify(opts, &mut watch).await;
+    let result =
+        match tokio::time::timeout(req.criu.timeout, criu.dump_with_notify(opts, &mut watch)).await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                spawner.kill_all();
+                Err(super::timed_out(req.criu.timeout))
+            }
+        };
     match result {
         Ok(_) => {
             if !req.exit && !was_frozen {
@@ -211,18 +226,24 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
                     warn!(cgroup = %freezer.path().display(), "thaw after dump: {e}");
                 }
             }
-            record
-                .save(&req.image_dir)
-                .map_err(|e| CheckpointError::io(id, "write checkpoint record in", &req.image_dir, e))?;
+            record.save(&req.image_dir).map_err(|e| {
+                CheckpointError::io(id, "write checkpoint record in", &req.image_dir, e)
+            })?;
             restrict_tree(&req.image_dir)
                 .map_err(|e| CheckpointError::io(id, "restrict access to", &req.image_dir, e))?;
             if work_dir != req.image_dir {
                 let _ = restrict_tree(&work_dir);
             }
+            let phases = super::stats::dump_phases(&work_dir).ok();
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
             info!(
                 pid,
                 exit = req.exit,
-                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                elapsed_ms = ms(started.elapsed()),
+                criu_frozen_ms = phases.map(|p| ms(p.frozen)),
+                criu_memdump_ms = phases.map(|p| ms(p.memdump)),
+                criu_memwrite_ms = phases.map(|p| ms(p.memwrite)),
+                pages_written = phases.map(|p| p.pages_written),
                 images = %req.image_dir.display(),
                 "checkpointed"
             );
@@ -237,12 +258,8 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
             for p in snapshot.restore() {
                 warn!("restore freezer after failed dump: {p}");
             }
-            let err = CheckpointError::criu(
-                id,
-                "checkpoint",
-                source,
-                Some(&bundle.join(DUMP_LOG_COPY)),
-            );
+            let err =
+                CheckpointError::criu(id, "checkpoint", source, Some(&bundle.join(DUMP_LOG_COPY)));
             warn!(pid, error = %err, "checkpoint failed");
             Err(err)
         }

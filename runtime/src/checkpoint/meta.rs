@@ -132,6 +132,7 @@ impl DumpRecord {
             ext_unix_sk: false,
             shell_job: false,
             file_locks: false,
+            // runc dumps with CRIU's default (soft).
             cgroups_mode: CgroupsMode::Soft,
             network_lock: NetworkLock::Iptables,
             cgroup_path: String::new(),

@@ -24,10 +24,16 @@
 //! 3. **Options.** Every field of containerd's `CheckpointOptions` maps onto a CRIU
 //!    option ([`CheckpointRequest`]); a container with a terminal gets
 //!    `orphan_pts_master` so that its pty can be re-attached.
-//! 4. **Failure.** If CRIU fails (or dies), the freezer state from before the dump is
-//!    put back and the error carries CRIU's errno, message and log; the container keeps
-//!    running untouched. Images are made root-only (0600 files in 0700 directories):
-//!    they hold process memory.
+//! 4. **Failure.** If CRIU fails, dies or outlives its time limit (it is then killed),
+//!    a network lock it left in the container's namespace is removed ([`netlock`]), the
+//!    freezer state from before the dump is put back, and the error carries CRIU's
+//!    errno, message, the error lines of its log that say why, and a copy of the log in
+//!    the bundle (containerd deletes a failed checkpoint's directory); the container
+//!    keeps running untouched. CRIU dies safely even mid-dump: its parasite code inside
+//!    a task returns the task to its own code when CRIU's socket closes.
+//! 5. **Images** are made root-only (0600 files in 0700 directories): they hold process
+//!    memory. CRIU's timing (`stats-dump`) goes into the log line of each checkpoint
+//!    ([`stats`]).
 //!
 //! # Restore ([`restore`])
 //!
@@ -36,10 +42,11 @@
 //!
 //! 1. The container's cgroups are created by libcgroups from the bundle's spec, with its
 //!    resource limits, and CRIU is moved into them as soon as it is spawned (before it
-//!    gets its request), so every restored task is born there; `cg_root` maps the dumped
-//!    cgroup onto it. We create the cgroups ourselves rather than run libcontainer's
-//!    create and throw its init away: that would cost a clone, namespaces and mounts
-//!    nobody uses, on the latency-critical path. libcontainer's state (`state.json`,
+//!    gets its request), so every restored task is born there (CRIU's cgroup handling
+//!    is off by default, see [`CgroupsMode`]; an explicit mode gets `cg_root` mapping
+//!    the dumped cgroup onto the new one). We create the cgroups ourselves rather than
+//!    run libcontainer's create and throw its init away: that would cost a clone,
+//!    namespaces and mounts nobody uses, on the latency-critical path. libcontainer's state (`state.json`,
 //!    its config) is written afterwards so that pause, resume, update, exec and delete
 //!    work on the restored container exactly as on a created one.
 //! 2. The mounted rootfs is bind-mounted to a private directory in the state directory
@@ -56,8 +63,11 @@
 //!    with the [`crate::ExitWatcher`] and it becomes the init of a running
 //!    [`crate::Container`], tracked like a started one.
 //!
-//! A failed explicit restore returns CRIU's error and leaves nothing behind (cgroups,
-//! state, mounts), as the stock shim does; there is no fallback to a cold start here.
+//! A failed explicit restore returns CRIU's error and leaves nothing behind (restored
+//! tasks, cgroups, state, mounts, a network lock in a pod's namespace), as the stock shim
+//! does; there is no fallback to a cold start: the caller asked for this checkpoint's
+//! state, and a fresh process would silently lose it. The shim logs how long each part of
+//! a restore took, with CRIU's own phases from `stats-restore`.
 //!
 //! # Reaping
 //!
@@ -95,25 +105,37 @@ pub const EXT_NET_NS_KEY: &str = "extRootNetNS";
 pub const EXT_PID_NS_KEY: &str = "extRootPidNS";
 
 /// How CRIU treats cgroups (containerd's `cgroups_mode`).
+///
+/// The default (containerd sends "") is [`CgroupsMode::Ignore`], not CRIU's own default
+/// (soft): the restoring shim creates the container's cgroups from the bundle's spec and
+/// puts CRIU into them, so every restored task lands in the right cgroups without CRIU
+/// dumping or re-creating any. CRIU's managed modes also walk every hierarchy from the
+/// container's cgroup down, and on a hybrid host the container sits at the root of the
+/// named `systemd` hierarchy: a managed dump there records (and a restore re-creates
+/// below the container) every cgroup of the host in that hierarchy, and it races with
+/// cgroups coming and going. The explicit modes are passed to CRIU as asked, with
+/// `cg_root` mapping the dumped root onto the new cgroup. What ignore gives up: cgroups
+/// the workload itself created below its own (which needs delegation).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CgroupsMode {
-    /// Restore properties only of cgroups CRIU creates (CRIU's default).
-    #[default]
+    /// Restore properties only of cgroups CRIU creates (CRIU's own default).
     Soft,
     /// Restore all cgroup properties.
     Full,
     /// Fail when cgroups or their properties differ.
     Strict,
-    /// Leave cgroups alone.
+    /// Neither dump nor restore cgroups (ours by default; see the type's docs).
+    #[default]
     Ignore,
 }
 
 impl CgroupsMode {
-    /// Parses containerd's value ("" is the default).
+    /// Parses containerd's value ("" is the default, [`CgroupsMode::Ignore`]).
     pub fn parse(s: &str) -> Result<CgroupsMode, CheckpointError> {
         match s {
-            "" | "soft" => Ok(CgroupsMode::Soft),
+            "" => Ok(CgroupsMode::default()),
+            "soft" => Ok(CgroupsMode::Soft),
             "full" => Ok(CgroupsMode::Full),
             "strict" => Ok(CgroupsMode::Strict),
             "ignore" => Ok(CgroupsMode::Ignore),
@@ -121,6 +143,11 @@ impl CgroupsMode {
                 "cgroups mode {other:?}: expected soft, full, strict or ignore"
             ))),
         }
+    }
+
+    /// Whether CRIU manages cgroups at all in this mode.
+    pub(crate) fn managed(self) -> bool {
+        self != CgroupsMode::Ignore
     }
 
     pub(crate) fn criu(self) -> criu_rpc::CriuCgMode {
@@ -161,12 +188,22 @@ impl NetworkLock {
 pub struct CriuConfig {
     /// The binary: a path, or a name looked up in `$PATH` and the sbin directories.
     pub binary: PathBuf,
+    /// CRIU's log verbosity (0-4).
+    pub log_level: i32,
+    /// How long one dump or restore may take before CRIU is killed and the request
+    /// fails (the container is then left as it was).
+    pub timeout: std::time::Duration,
 }
+
+/// The default limit of one CRIU request.
+pub const DEFAULT_CRIU_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl Default for CriuConfig {
     fn default() -> Self {
         CriuConfig {
             binary: PathBuf::from(DEFAULT_CRIU),
+            log_level: CRIU_LOG_LEVEL,
+            timeout: DEFAULT_CRIU_TIMEOUT,
         }
     }
 }
@@ -213,7 +250,7 @@ pub enum CheckpointError {
         id: String,
         op: &'static str,
         #[source]
-        source: criu_rpc::Error,
+        source: Box<criu_rpc::Error>,
         /// CRIU's own error lines that explain the failure.
         reason: String,
         /// A copy of CRIU's log that outlives the request (the images directory may not).
@@ -295,7 +332,7 @@ impl CheckpointError {
         CheckpointError::Criu {
             id: id.to_string(),
             op,
-            source,
+            source: Box::new(source),
             reason,
             log_copy,
         }
@@ -316,9 +353,7 @@ impl From<CheckpointError> for crate::Error {
             CheckpointError::InvalidOption(_) => crate::Error::InvalidArgument(e.to_string()),
             CheckpointError::State { .. } => crate::Error::FailedPrecondition(e.to_string()),
             CheckpointError::Image { .. } => crate::Error::InvalidArgument(e.to_string()),
-            CheckpointError::Io { source, .. }
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
+            CheckpointError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 crate::Error::NotFound(e.to_string())
             }
             _ => crate::Error::Runtime {
@@ -326,6 +361,14 @@ impl From<CheckpointError> for crate::Error {
                 message: e.to_string(),
             },
         }
+    }
+}
+
+/// The error of a CRIU request that ran longer than `limit` (CRIU was killed).
+pub(crate) fn timed_out(limit: std::time::Duration) -> criu_rpc::Error {
+    criu_rpc::Error::Io {
+        context: format!("CRIU did not finish within {limit:?} and was killed"),
+        source: std::io::Error::from(std::io::ErrorKind::TimedOut),
     }
 }
 
@@ -378,7 +421,8 @@ mod tests {
 
     #[test]
     fn cgroups_modes() {
-        assert_eq!(CgroupsMode::parse("").unwrap(), CgroupsMode::Soft);
+        assert_eq!(CgroupsMode::parse("").unwrap(), CgroupsMode::Ignore);
+        assert_eq!(CgroupsMode::parse("soft").unwrap(), CgroupsMode::Soft);
         assert_eq!(CgroupsMode::parse("full").unwrap(), CgroupsMode::Full);
         assert_eq!(CgroupsMode::parse("strict").unwrap(), CgroupsMode::Strict);
         assert_eq!(CgroupsMode::parse("ignore").unwrap(), CgroupsMode::Ignore);

@@ -70,9 +70,12 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
                 + (b[i + 3] - b'0') as u32;
             if let Ok(byte) = u8::try_from(v) {
                 out.push(byte);
@@ -251,14 +254,12 @@ pub fn restore_externals(
                 })?,
                 MountSource::DevNull => PathBuf::from("/dev/null"),
                 MountSource::Device => PathBuf::from(&e.destination),
-                MountSource::Cgroup { controller } => {
-                    cgroup_dir(controller).ok_or_else(|| {
-                        format!(
-                            "mount {}: the restored container has no cgroup for controller {:?}",
-                            e.destination, controller
-                        )
-                    })?
-                }
+                MountSource::Cgroup { controller } => cgroup_dir(controller).ok_or_else(|| {
+                    format!(
+                        "mount {}: the restored container has no cgroup for controller {:?}",
+                        e.destination, controller
+                    )
+                })?,
             };
             Ok(format!("mnt[{}]:{}", e.destination, src.display()))
         })

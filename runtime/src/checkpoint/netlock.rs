@@ -8,7 +8,9 @@
 //! with notifications: [`LockWatch`] notes the `network-lock` point, and after a failure
 //! [`unlock`] removes CRIU's chain from the namespace. The removal is one
 //! `iptables-restore --noflush` transaction per family: if CRIU had removed it already,
-//! the transaction fails as a whole and changes nothing. (CRIU's nftables lock is a table
+//! the transaction fails as a whole and changes nothing. If it fails, the jumps are
+//! removed one at a time (a lock CRIU took again over one nobody removed stacks a second
+//! jump, which the transaction cannot undo). (CRIU's nftables lock is a table
 //! named after CRIU's run id, which CRIU does not report; it is not removed here.)
 
 use std::fs::File;
@@ -28,8 +30,12 @@ use crate::exits::ExitWatcher;
 /// How long one iptables-restore may take.
 const UNLOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// At most this many stacked jumps into CRIU's chain are removed one by one.
+const MAX_JUMPS: usize = 32;
+
 /// The rules that remove CRIU's lock (the inverse of what CRIU adds).
-const UNLOCK_RULES: &str = "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-F CRIU\n-X CRIU\nCOMMIT\n";
+const UNLOCK_RULES: &str =
+    "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-F CRIU\n-X CRIU\nCOMMIT\n";
 
 /// Notes CRIU's network-lock notifications; keeps a pty master CRIU hands over.
 #[derive(Debug, Default)]
@@ -64,18 +70,49 @@ pub async fn unlock(exits: &ExitWatcher, netns: &File, method: NetworkLock) {
             warn!("a failed CRIU may have left its nftables lock (table inet CRIU-<run id>) in the container's network namespace");
         }
         NetworkLock::Iptables => {
-            for program in ["iptables-restore", "ip6tables-restore"] {
-                let mut cmd = Command::new(program);
+            for (restore, single) in [
+                ("iptables-restore", "iptables"),
+                ("ip6tables-restore", "ip6tables"),
+            ] {
+                let mut cmd = Command::new(restore);
                 cmd.args(["-w", "--noflush"]);
-                run_in(exits, netns, cmd, Some(UNLOCK_RULES)).await;
+                if run_in(exits, netns, cmd, Some(UNLOCK_RULES)).await == Some(0) {
+                    warn!(
+                        program = restore,
+                        "removed a network lock a failed CRIU left behind"
+                    );
+                    continue;
+                }
+                // No lock, or more than one jump into CRIU's chain (a lock taken again
+                // over one nobody removed): take the jumps out one by one.
+                for chain in ["INPUT", "OUTPUT"] {
+                    for _ in 0..MAX_JUMPS {
+                        let mut cmd = Command::new(single);
+                        cmd.args(["-w", "-D", chain, "-j", "CRIU"]);
+                        if run_in(exits, netns, cmd, None).await != Some(0) {
+                            break;
+                        }
+                    }
+                }
+                for args in [["-w", "-F", "CRIU"], ["-w", "-X", "CRIU"]] {
+                    let mut cmd = Command::new(single);
+                    cmd.args(args);
+                    run_in(exits, netns, cmd, None).await;
+                }
             }
         }
     }
 }
 
 /// Runs `cmd` in the network namespace `netns`, feeding it `input`; waits for it through
-/// the shim's reaper.
-async fn run_in(exits: &ExitWatcher, netns: &File, mut cmd: Command, input: Option<&str>) {
+/// the shim's reaper and returns its exit code (`None` if it could not run or did not
+/// finish in time).
+async fn run_in(
+    exits: &ExitWatcher,
+    netns: &File,
+    mut cmd: Command,
+    input: Option<&str>,
+) -> Option<i32> {
     let fd = netns.as_raw_fd();
     cmd.stdin(if input.is_some() {
         Stdio::piped()
@@ -99,12 +136,10 @@ async fn run_in(exits: &ExitWatcher, netns: &File, mut cmd: Command, input: Opti
         Ok(c) => c,
         Err(e) => {
             warn!(program, "cannot remove CRIU's network lock: {e}");
-            return;
+            return None;
         }
     };
-    let Ok(pid) = i32::try_from(child.id()) else {
-        return;
-    };
+    let pid = i32::try_from(child.id()).ok()?;
     let exited = exits.register(pid);
     if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
         if let Err(e) = stdin.write_all(text.as_bytes()) {
@@ -114,8 +149,13 @@ async fn run_in(exits: &ExitWatcher, netns: &File, mut cmd: Command, input: Opti
     // The reaper owns the exit; the handle neither waits nor kills on drop.
     drop(child);
     match tokio::time::timeout(UNLOCK_TIMEOUT, exited).await {
-        Ok(Ok(0)) => warn!(program, "removed a network lock a failed CRIU left behind"),
-        Ok(Ok(code)) => debug!(program, code, "no CRIU network lock to remove"),
-        _ => warn!(program, "removing CRIU's network lock did not finish"),
+        Ok(Ok(code)) => {
+            debug!(program, code, "network unlock step");
+            Some(code)
+        }
+        _ => {
+            warn!(program, "removing CRIU's network lock did not finish");
+            None
+        }
     }
 }

@@ -23,9 +23,7 @@ use super::mounts;
 use super::netlock::{self, LockWatch};
 use super::spawner::{AfterSpawn, ShimSpawner};
 use super::stats;
-use super::{
-    CheckpointError, CriuConfig, CRIU_LOG_LEVEL, EXT_NET_NS_KEY, EXT_PID_NS_KEY, RESTORE_LOG,
-};
+use super::{CheckpointError, CriuConfig, EXT_NET_NS_KEY, EXT_PID_NS_KEY, RESTORE_LOG};
 use crate::cgroups;
 use crate::container::{Container, CreateConfig, RuntimeEvent};
 use crate::exits::ExitWatcher;
@@ -166,7 +164,10 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
                     .into(),
             )
         })?;
-    let work_dir = cfg.work_dir.clone().unwrap_or_else(|| cfg.image_dir.clone());
+    let work_dir = cfg
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| cfg.image_dir.clone());
 
     // libcontainer's state directory, as a create would make it.
     std::fs::create_dir_all(&cfg.create.state_root)
@@ -261,18 +262,20 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         .images_dir(&cfg.image_dir)
         .work_dir(&work_dir)
         .log_file(RESTORE_LOG)
-        .log_level(CRIU_LOG_LEVEL)
+        .log_level(cfg.criu.log_level)
         .root(criu_root.to_string_lossy())
         .rst_sibling(true)
-        .manage_cgroups(true)
+        .manage_cgroups(record.cgroups_mode.managed())
         .manage_cgroups_mode(record.cgroups_mode.criu())
-        .cg_root(None, cgroup_path.to_string_lossy())
         .tcp_established(record.tcp_established)
         .ext_unix_sk(record.ext_unix_sk)
         .shell_job(record.shell_job)
         .file_locks(record.file_locks)
         .network_lock(record.network_lock.criu())
         .orphan_pts_master(terminal);
+    if record.cgroups_mode.managed() {
+        opts = opts.cg_root(None, cgroup_path.to_string_lossy());
+    }
 
     let mut seen = HashSet::new();
     if let Some(fds) = child_fds {
@@ -368,12 +371,25 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
     }
 
     let prepared = started.elapsed();
+    let spawner = Arc::new(ShimSpawner::new(exits.clone()).after_spawn(join));
     let criu = Criu::with_binary(&cfg.criu.binary)
-        .spawner(Arc::new(ShimSpawner::new(exits.clone()).after_spawn(join)))
+        .spawner(spawner.clone())
         .stderr(CriuStderr::Null);
     let mut handler = LockWatch::default();
     let criu_started = Instant::now();
-    let outcome = match criu.restore_with_notify(opts, &mut handler).await {
+    let result = match tokio::time::timeout(
+        cfg.criu.timeout,
+        criu.restore_with_notify(opts, &mut handler),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => {
+            spawner.kill_all();
+            Err(super::timed_out(cfg.criu.timeout))
+        }
+    };
+    let outcome = match result {
         Ok(o) => o,
         Err(source) => {
             // A restore into an existing (pod) network namespace must not leave it locked.
@@ -414,9 +430,10 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
     }
     // The process holds its ends now; ours must go so that EOF works.
     drop(child);
-    let mut io = undo.io.take().ok_or_else(|| {
-        CheckpointError::runtime(id, "stdio", "stdio vanished during restore")
-    })?;
+    let mut io = undo
+        .io
+        .take()
+        .ok_or_else(|| CheckpointError::runtime(id, "stdio", "stdio vanished during restore"))?;
     if let Err(e) = io.start(&cfg.create.stdio).await {
         undo.io = Some(io);
         return Err(CheckpointError::runtime(id, "start stdio copies", e));
@@ -429,9 +446,10 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         .restored
         .take()
         .ok_or_else(|| CheckpointError::runtime(id, "restore", "restored pid lost"))?;
-    let io = undo.io.take().ok_or_else(|| {
-        CheckpointError::runtime(id, "stdio", "stdio vanished during restore")
-    })?;
+    let io = undo
+        .io
+        .take()
+        .ok_or_else(|| CheckpointError::runtime(id, "stdio", "stdio vanished during restore"))?;
     // Success: nothing to undo any more.
     *undo = Undo::default();
 

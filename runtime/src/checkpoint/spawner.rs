@@ -12,7 +12,7 @@
 //! killed and the spawn fails.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use criu_rpc::{ChildExit, ChildSpawner, SpawnedChild};
@@ -29,6 +29,9 @@ pub type AfterSpawn = Arc<dyn Fn(i32) -> std::io::Result<()> + Send + Sync>;
 pub struct ShimSpawner {
     exits: ExitWatcher,
     after_spawn: Option<AfterSpawn>,
+    /// Every CRIU started through this spawner, so that a request that runs too long can
+    /// be ended.
+    spawned: Arc<Mutex<Vec<i32>>>,
 }
 
 impl ShimSpawner {
@@ -36,6 +39,7 @@ impl ShimSpawner {
         ShimSpawner {
             exits,
             after_spawn: None,
+            spawned: Arc::default(),
         }
     }
 
@@ -44,6 +48,29 @@ impl ShimSpawner {
         self.after_spawn = Some(hook);
         self
     }
+
+    /// SIGKILLs every CRIU this spawner started that still runs as our child (a pid is
+    /// only signalled while `/proc` shows it as our child: an exited CRIU's pid may have
+    /// been reused).
+    pub fn kill_all(&self) {
+        let me = std::process::id() as i32;
+        let pids = self
+            .spawned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for pid in pids.into_iter().filter(|p| parent_of(*p) == Some(me)) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The parent pid of `pid`, from `/proc/PID/stat`.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl fmt::Debug for ShimSpawner {
@@ -63,6 +90,10 @@ impl ChildSpawner for ShimSpawner {
         // `std::process::Child` neither waits nor kills.
         drop(child);
         let exit_rx = self.exits.register(pid);
+        self.spawned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(pid);
         if let Some(hook) = &self.after_spawn {
             if let Err(e) = hook(pid) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

@@ -1,0 +1,346 @@
+//! Checkpoint/restore benchmarks, runc-architect side by side with containerd's stock runc
+//! shim (`containerd-shim-runc-v2` + runc + the same CRIU) on one private containerd, in
+//! one run:
+//!
+//! - `ctr c checkpoint --task --rw` and `ctr c restore --live --rw` wall time for a small
+//!   TCP server (`ckload echo`) and for processes with 256 MiB and 1 GiB of touched heap
+//!   (`ckload heap`, which answers with a checksum of its whole heap: every restore is
+//!   verified);
+//! - restore-to-first-answer: from starting `ctr c restore` until the restored server
+//!   answers a TCP connection from the host side of its network namespace (a named netns
+//!   joined with `--with-ns`, like a pod's);
+//! - where runc-architect's restore time goes: containerd and ctr (everything outside the
+//!   shim's Create), the shim's preparation, the CRIU request (spawn to exit), and inside
+//!   it CRIU's own phases from its `stats-restore` image (forking, restore); the stock
+//!   path's CRIU phases where its `stats-restore` survives;
+//! - restore throughput for the heaps (MiB restored / CRIU restore time, and end to end).
+//!
+//! Every figure is a median over the rounds; runtimes alternate within a round so drift on
+//! the machine hits both alike. Ratios are architect / stock (lower is better).
+//!
+//! `cargo bench -p runc-architect-benches --bench criu` (uses
+//! `target/release/containerd-shim-runc-architect-v1`, or `RA_SHIM_BINARY`). Environment:
+//! `RA_BENCH_ROUNDS` (default 7; the 1 GiB case runs at most 3), `RA_ONLY_CONTAINERD=1.7|2.1`
+//! (default 1.7).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use runc_architect_runtime::checkpoint::stats;
+use runc_architect_tests::ckpt::{self, NetNs};
+use runc_architect_tests::poll::wait_for;
+use runc_architect_tests::{Containerd, Ctr, Runtime, Version};
+
+const NAMESPACE: &str = "bench-ckpt";
+
+/// One benchmarked workload.
+struct Workload {
+    name: &'static str,
+    args: Vec<String>,
+    port: u16,
+    /// Touched heap, for throughput figures.
+    heap_mib: Option<u64>,
+    rounds: usize,
+}
+
+/// One checkpoint/restore cycle.
+#[derive(Default, Clone)]
+struct Sample {
+    checkpoint: Duration,
+    restore: Duration,
+    first_answer: Duration,
+    /// runc-architect's own account (from the shim's `restored` log line).
+    shim: Option<ShimRestore>,
+    /// CRIU's restore phases (from `stats-restore`), when found.
+    criu: Option<stats::RestorePhases>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct ShimRestore {
+    prepare_ms: f64,
+    criu_ms: f64,
+    total_ms: f64,
+}
+
+fn main() -> Result<()> {
+    let rounds: usize = std::env::var("RA_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let version = std::env::var("RA_ONLY_CONTAINERD")
+        .ok()
+        .and_then(|v| Version::parse(&v))
+        .unwrap_or(Version::V1_7);
+    let containerd = Containerd::start(version).context("start private containerd")?;
+    let ctr = containerd.ctr(NAMESPACE).with_timeout(Duration::from_secs(300));
+    let scratch = containerd.scratch_dir("image")?;
+    ckpt::ckpt_image(&scratch)?.import(&ctr, &scratch)?;
+    let ns = NetNs::create()?;
+    println!(
+        "runc-architect checkpoint/restore benchmark on containerd {} ({rounds} rounds)",
+        version.series()
+    );
+    println!("architect shim: {}", containerd.architect_shim().display());
+    println!("criu: {}", criu_version());
+
+    let workloads = [
+        Workload {
+            name: "tcp-server",
+            args: vec!["/bin/ckload".into(), "echo".into(), "7070".into()],
+            port: 7070,
+            heap_mib: None,
+            rounds,
+        },
+        Workload {
+            name: "heap-256m",
+            args: vec!["/bin/ckload".into(), "heap".into(), "256".into(), "7272".into()],
+            port: 7272,
+            heap_mib: Some(256),
+            rounds,
+        },
+        Workload {
+            name: "heap-1g",
+            args: vec!["/bin/ckload".into(), "heap".into(), "1024".into(), "7373".into()],
+            port: 7373,
+            heap_mib: Some(1024),
+            rounds: rounds.min(3),
+        },
+    ];
+
+    let mut lines = Vec::new();
+    for w in &workloads {
+        // Warm-up: page cache, shim binaries, the image's snapshot.
+        for rt in Runtime::ALL {
+            cycle(&containerd, &ctr, &ns, rt, w, "warmup")?;
+        }
+        let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..w.rounds {
+            for (i, rt) in Runtime::ALL.into_iter().enumerate() {
+                samples[i].push(cycle(&containerd, &ctr, &ns, rt, w, &round.to_string())?);
+            }
+        }
+        report(w, &samples, &mut lines);
+    }
+    println!();
+    for l in &lines {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+fn criu_version() -> String {
+    std::process::Command::new("criu")
+        .arg("--version")
+        .env("PATH", runc_architect_tests::process::host_path())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().replace('\n', " "))
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+/// Runs the workload, checkpoints it, deletes it, restores it; times each step.
+fn cycle(
+    containerd: &Containerd,
+    ctr: &Ctr,
+    ns: &NetNs,
+    rt: Runtime,
+    w: &Workload,
+    round: &str,
+) -> Result<Sample> {
+    let id = format!("{}-{round}-{}", w.name, rt.tag());
+    let image = format!("bench/ckpt-{id}:1");
+    let addr: SocketAddr = ns.addr(w.port);
+    let with_ns = format!("network:{}", ns.path());
+    let mut run: Vec<&str> = vec![
+        "run",
+        "-d",
+        "--runtime",
+        rt.runtime_type(),
+        "--with-ns",
+        &with_ns,
+        ckpt::CKPT_IMAGE,
+        &id,
+    ];
+    run.extend(w.args.iter().map(String::as_str));
+    ctr.ok(&run)?;
+    let (before, _) = ckpt::wait_answer(addr, Some("hello"), Duration::from_secs(120))?;
+
+    let t = Instant::now();
+    ctr.ok(&["containers", "checkpoint", "--task", "--rw", &id, &image])?;
+    let checkpoint = t.elapsed();
+    remove(ctr, &id)?;
+
+    let tmp = containerd.dir().join("tmp");
+    let known: Vec<PathBuf> = checkpoint_dirs(&tmp);
+    let t = Instant::now();
+    let mut restore = ctr
+        .command(&["containers", "restore", "--live", "--rw", &id, &image])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start ctr c restore")?;
+    let mut first_answer = None;
+    let mut restored = None;
+    while first_answer.is_none() || restored.is_none() {
+        if restored.is_none() {
+            if let Some(st) = restore.try_wait()? {
+                restored = Some((t.elapsed(), st));
+            }
+        }
+        if first_answer.is_none() {
+            if let Ok(a) = ckpt::tcp_line(addr, Some("hello"), Duration::from_millis(5)) {
+                first_answer = Some((t.elapsed(), a));
+            }
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            let _ = restore.kill();
+            bail!("{id}: no answer within 300 s of the restore");
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let (restore_time, status) = restored.context("restore")?;
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = restore.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        bail!("{id}: ctr c restore failed: {err}");
+    }
+    let (first_answer, after) = first_answer.context("answer")?;
+    if before != after {
+        bail!("{id}: the restored workload answered {after:?}, before the checkpoint {before:?}");
+    }
+
+    let criu = checkpoint_dirs(&tmp)
+        .into_iter()
+        .filter(|d| !known.contains(d))
+        .find_map(|d| stats::restore_phases(&d).ok());
+    let shim = match rt {
+        Runtime::Architect => shim_restore(containerd, &id),
+        Runtime::Stock => None,
+    };
+    remove(ctr, &id)?;
+    let _ = ctr.run(&["images", "rm", &image]);
+    for d in checkpoint_dirs(&tmp).into_iter().filter(|d| !known.contains(d)) {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    Ok(Sample {
+        checkpoint,
+        restore: restore_time,
+        first_answer,
+        shim,
+        criu,
+    })
+}
+
+fn remove(ctr: &Ctr, id: &str) -> Result<()> {
+    ctr.remove(id);
+    wait_for(&format!("{id} to be deleted"), Duration::from_secs(60), || {
+        ctr.containers()
+            .ok()
+            .filter(|c| !c.iter().any(|x| x == id))
+    })?;
+    Ok(())
+}
+
+/// containerd's unpacked checkpoints (`ctrd-checkpoint*` in its temp directory).
+fn checkpoint_dirs(tmp: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(tmp)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("ctrd-checkpoint"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The shim's account of restoring `id`, from its `restored` line in containerd's log.
+fn shim_restore(containerd: &Containerd, id: &str) -> Option<ShimRestore> {
+    let log = std::fs::read_to_string(containerd.dir().join("containerd.log")).ok()?;
+    let needle = format!("restore{{container={id}}}");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(&needle) && l.contains(" restored pid="))?;
+    let field = |name: &str| -> Option<f64> {
+        let at = line.find(&format!(" {name}="))? + name.len() + 2;
+        line[at..].split_whitespace().next()?.parse().ok()
+    };
+    Some(ShimRestore {
+        prepare_ms: field("prepare_ms")?,
+        criu_ms: field("criu_ms")?,
+        total_ms: field("total_ms")?,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn report(w: &Workload, samples: &[Vec<Sample>; 2], lines: &mut Vec<String>) {
+    let med = |i: usize, f: &dyn Fn(&Sample) -> Option<f64>| -> f64 {
+        median(samples[i].iter().filter_map(f).collect())
+    };
+    let row = |what: &str, f: &dyn Fn(&Sample) -> Option<f64>| -> String {
+        let (s, a) = (med(0, f), med(1, f));
+        format!(
+            "{:<10} {what:<34} stock {s:8.1} ms   architect {a:8.1} ms   ratio {:.2}x",
+            w.name,
+            a / s
+        )
+    };
+    lines.push(row("ctr c checkpoint --task --rw", &|s| Some(ms(s.checkpoint))));
+    lines.push(row("ctr c restore --live --rw", &|s| Some(ms(s.restore))));
+    lines.push(row("restore to first answer", &|s| Some(ms(s.first_answer))));
+    lines.push(row("CRIU restore_time (stats-restore)", &|s| {
+        s.criu.map(|c| ms(c.restore))
+    }));
+    // Where runc-architect's restore goes.
+    let a = |f: &dyn Fn(&Sample) -> Option<f64>| med(1, f);
+    let total = a(&|s| Some(ms(s.restore)));
+    let shim_total = a(&|s| s.shim.map(|x| x.total_ms));
+    let prepare = a(&|s| s.shim.map(|x| x.prepare_ms));
+    let criu = a(&|s| s.shim.map(|x| x.criu_ms));
+    let forking = a(&|s| s.criu.map(|c| ms(c.forking)));
+    let restore = a(&|s| s.criu.map(|c| ms(c.restore)));
+    lines.push(format!(
+        "{:<10} architect restore breakdown (medians): ctr+containerd+shim start {:.1} ms | \
+         shim create {:.1} ms = prepare {:.1} + CRIU request {:.1} (CRIU forking {:.1}, \
+         CRIU restore {:.1}, CRIU start/exit and notify {:.1}) + finish {:.1}",
+        w.name,
+        total - shim_total,
+        shim_total,
+        prepare,
+        criu,
+        forking,
+        restore,
+        criu - restore,
+        shim_total - prepare - criu
+    ));
+    if let Some(mib) = w.heap_mib {
+        let gbs = |t_ms: f64| (mib as f64 * 1_048_576.0) / (t_ms / 1e3) / 1e9;
+        let stock_criu = med(0, &|s| s.criu.map(|c| ms(c.restore)));
+        lines.push(format!(
+            "{:<10} restore throughput: CRIU restore stock {:.2} GB/s, architect {:.2} GB/s; \
+             end to end (ctr c restore) stock {:.2} GB/s, architect {:.2} GB/s",
+            w.name,
+            gbs(stock_criu),
+            gbs(restore),
+            gbs(med(0, &|s| Some(ms(s.restore)))),
+            gbs(total)
+        ));
+    }
+}
