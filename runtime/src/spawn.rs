@@ -33,7 +33,10 @@ pub async fn call_helper(exits: &ExitWatcher, req: &Request, inherit: &[RawFd]) 
         .stdin(Stdio::null())
         .stdout(Stdio::from(out_w))
         .stderr(Stdio::from(err_w))
-        .env_remove("RUST_LOG");
+        .env_remove("RUST_LOG")
+        // Not the shim's own cwd: that is the bundle of the pod's first container, which
+        // is gone once that container is deleted while its siblings live on.
+        .current_dir("/");
     let fds: Vec<RawFd> = inherit.to_vec();
     // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which
     // is async-signal-safe; it touches no memory shared with other threads.
