@@ -12,7 +12,8 @@
 //! - where runc-architect's restore time goes: containerd and ctr (everything outside the
 //!   shim's Create), the shim's preparation, the CRIU request (spawn to exit), and inside
 //!   it CRIU's own phases from its `stats-restore` image (forking, restore); the stock
-//!   path's CRIU phases where its `stats-restore` survives;
+//!   path's CRIU phases from the `stats-restore` runc's CRIU leaves in the shim's work
+//!   directory;
 //! - restore throughput for the heaps (MiB restored / CRIU restore time, and end to end).
 //!
 //! Every figure is a median over the rounds; runtimes alternate within a round so drift on
@@ -75,7 +76,9 @@ fn main() -> Result<()> {
         .and_then(|v| Version::parse(&v))
         .unwrap_or(Version::V1_7);
     let containerd = Containerd::start(version).context("start private containerd")?;
-    let ctr = containerd.ctr(NAMESPACE).with_timeout(Duration::from_secs(300));
+    let ctr = containerd
+        .ctr(NAMESPACE)
+        .with_timeout(Duration::from_secs(300));
     let scratch = containerd.scratch_dir("image")?;
     ckpt::ckpt_image(&scratch)?.import(&ctr, &scratch)?;
     let ns = NetNs::create()?;
@@ -96,14 +99,24 @@ fn main() -> Result<()> {
         },
         Workload {
             name: "heap-256m",
-            args: vec!["/bin/ckload".into(), "heap".into(), "256".into(), "7272".into()],
+            args: vec![
+                "/bin/ckload".into(),
+                "heap".into(),
+                "256".into(),
+                "7272".into(),
+            ],
             port: 7272,
             heap_mib: Some(256),
             rounds,
         },
         Workload {
             name: "heap-1g",
-            args: vec!["/bin/ckload".into(), "heap".into(), "1024".into(), "7373".into()],
+            args: vec![
+                "/bin/ckload".into(),
+                "heap".into(),
+                "1024".into(),
+                "7373".into(),
+            ],
             port: 7373,
             heap_mib: Some(1024),
             rounds: rounds.min(3),
@@ -215,9 +228,17 @@ fn cycle(
         bail!("{id}: the restored workload answered {after:?}, before the checkpoint {before:?}");
     }
 
+    // CRIU's work directory: ours writes into the unpacked checkpoint (containerd's temp
+    // directory); the stock shim's runc into the shim's work directory in containerd's root.
+    let stock_work = containerd
+        .dir()
+        .join("root/io.containerd.runtime.v2.task")
+        .join(NAMESPACE)
+        .join(&id);
     let criu = checkpoint_dirs(&tmp)
         .into_iter()
         .filter(|d| !known.contains(d))
+        .chain(std::iter::once(stock_work))
         .find_map(|d| stats::restore_phases(&d).ok());
     let shim = match rt {
         Runtime::Architect => shim_restore(containerd, &id),
@@ -225,7 +246,10 @@ fn cycle(
     };
     remove(ctr, &id)?;
     let _ = ctr.run(&["images", "rm", &image]);
-    for d in checkpoint_dirs(&tmp).into_iter().filter(|d| !known.contains(d)) {
+    for d in checkpoint_dirs(&tmp)
+        .into_iter()
+        .filter(|d| !known.contains(d))
+    {
         let _ = std::fs::remove_dir_all(d);
     }
     Ok(Sample {
@@ -255,11 +279,11 @@ fn ask(addr: SocketAddr) -> Result<String> {
 
 fn remove(ctr: &Ctr, id: &str) -> Result<()> {
     ctr.remove(id);
-    wait_for(&format!("{id} to be deleted"), Duration::from_secs(60), || {
-        ctr.containers()
-            .ok()
-            .filter(|c| !c.iter().any(|x| x == id))
-    })?;
+    wait_for(
+        &format!("{id} to be deleted"),
+        Duration::from_secs(60),
+        || ctr.containers().ok().filter(|c| !c.iter().any(|x| x == id)),
+    )?;
     Ok(())
 }
 
@@ -318,9 +342,13 @@ fn report(w: &Workload, samples: &[Vec<Sample>; 2], lines: &mut Vec<String>) {
             a / s
         )
     };
-    lines.push(row("ctr c checkpoint --task --rw", &|s| Some(ms(s.checkpoint))));
+    lines.push(row("ctr c checkpoint --task --rw", &|s| {
+        Some(ms(s.checkpoint))
+    }));
     lines.push(row("ctr c restore --live --rw", &|s| Some(ms(s.restore))));
-    lines.push(row("restore to first answer", &|s| Some(ms(s.first_answer))));
+    lines.push(row("restore to first answer", &|s| {
+        Some(ms(s.first_answer))
+    }));
     lines.push(row("CRIU restore_time (stats-restore)", &|s| {
         s.criu.map(|c| ms(c.restore))
     }));

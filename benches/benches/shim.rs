@@ -32,7 +32,10 @@ const IMAGE: &str = "bench/busybox:latest";
 
 fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; nothing else to parse.
-    let rounds: usize = std::env::var("RA_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
+    let rounds: usize = std::env::var("RA_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
     let version = std::env::var("RA_ONLY_CONTAINERD")
         .ok()
         .and_then(|v| Version::parse(&v))
@@ -41,7 +44,10 @@ fn main() -> Result<()> {
     let ctr = containerd.ctr("bench");
     let scratch = containerd.scratch_dir("image")?;
     ImageBuilder::busybox(IMAGE)?.import(&ctr, &scratch)?;
-    println!("runc-architect shim benchmark on containerd {} ({rounds} rounds)", version.series());
+    println!(
+        "runc-architect shim benchmark on containerd {} ({rounds} rounds)",
+        version.series()
+    );
     println!("architect shim: {}", containerd.architect_shim().display());
 
     let mut report = Report::default();
@@ -92,7 +98,16 @@ fn main() -> Result<()> {
 fn lifecycle(ctr: &Ctr, rt: Runtime, name: &str) -> Result<(Duration, Duration)> {
     let id = format!("{name}-{}", rt.tag());
     let start = Instant::now();
-    ctr.ok(&["run", "-d", "--runtime", rt.runtime_type(), IMAGE, &id, "sleep", "1000"])?;
+    ctr.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        rt.runtime_type(),
+        IMAGE,
+        &id,
+        "sleep",
+        "1000",
+    ])?;
     let run = start.elapsed();
     ctr.ok(&["task", "kill", "-s", "SIGKILL", &id])?;
     ctr.wait_status(&id, "STOPPED", Duration::from_secs(10))?;
@@ -103,7 +118,12 @@ fn lifecycle(ctr: &Ctr, rt: Runtime, name: &str) -> Result<(Duration, Duration)>
 
 /// One container's whole life at the shim API: bootstrap a new shim, Create, Start,
 /// Kill (SIGKILL), Wait, Delete, Shutdown; timed from `start` to the shim's exit.
-fn shim_cycle(containerd: &Containerd, image: &ImageBuilder, rt: Runtime, name: &str) -> Result<Duration> {
+fn shim_cycle(
+    containerd: &Containerd,
+    image: &ImageBuilder,
+    rt: Runtime,
+    name: &str,
+) -> Result<Duration> {
     let id = format!("{name}-{}", rt.tag());
     let bundle = containerd.scratch_dir(&format!("bundle-{id}"))?;
     let spec = default_spec("rootfs", &["sleep", "1000"], &format!("/bench/{id}"));
@@ -115,9 +135,11 @@ fn shim_cycle(containerd: &Containerd, image: &ImageBuilder, rt: Runtime, name: 
     let start = Instant::now();
     let mut shim = ShimProcess::launch(&binary, containerd, "bench-api", &id, &bundle)?;
     shim.run(&id, &bundle)?;
-    shim.kill(&id, "", 9, false).map_err(|e| anyhow!("kill {id}: {e}"))?;
+    shim.kill(&id, "", 9, false)
+        .map_err(|e| anyhow!("kill {id}: {e}"))?;
     shim.wait(&id, "").map_err(|e| anyhow!("wait {id}: {e}"))?;
-    shim.delete(&id, "").map_err(|e| anyhow!("delete {id}: {e}"))?;
+    shim.delete(&id, "")
+        .map_err(|e| anyhow!("delete {id}: {e}"))?;
     drop(shim); // Shutdown, and waits for the shim process to exit.
     let elapsed = start.elapsed();
     let _ = std::fs::remove_dir_all(&bundle);
@@ -136,7 +158,18 @@ fn shim_memory(ctr: &Ctr, rt: Runtime, name: &str, n: usize) -> Result<Mem> {
     let ids: Vec<String> = (0..n).map(|i| format!("{group}-{i}")).collect();
     let annotation = format!("io.kubernetes.cri.sandbox-id={group}");
     for id in &ids {
-        ctr.ok(&["run", "-d", "--runtime", rt.runtime_type(), "--annotation", &annotation, IMAGE, id, "sleep", "1000"])?;
+        ctr.ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            rt.runtime_type(),
+            "--annotation",
+            &annotation,
+            IMAGE,
+            id,
+            "sleep",
+            "1000",
+        ])?;
     }
     // Measure the idle state: give each shim a few quiet seconds (runc-architect trims its
     // resident memory after one second without requests; the stock shim's Go runtime
@@ -164,11 +197,20 @@ fn shim_pid(rt: Runtime, id: &str) -> Result<u32> {
     };
     for entry in std::fs::read_dir("/proc")? {
         let entry = entry?;
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<String> =
-            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        let is_shim = args.first().map(|a| Path::new(a).file_name().is_some_and(|f| f == binary)).unwrap_or(false);
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_shim = args
+            .first()
+            .map(|a| Path::new(a).file_name().is_some_and(|f| f == binary))
+            .unwrap_or(false);
         if is_shim && args.windows(2).any(|w| w[0] == "-id" && w[1] == id) {
             return Ok(pid);
         }
@@ -185,7 +227,10 @@ fn read_mem(pid: u32) -> Result<Mem> {
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| anyhow!("{name} missing in smaps_rollup of {pid}"))
     };
-    Ok(Mem { rss_kib: field("Rss:")?, pss_kib: field("Pss:")? })
+    Ok(Mem {
+        rss_kib: field("Rss:")?,
+        pss_kib: field("Pss:")?,
+    })
 }
 
 #[derive(Default)]

@@ -599,21 +599,41 @@ impl Container {
 /// `created`, the state before the start took effect), not `running`.
 fn start_init(root: &Path, id: &str) -> Result<()> {
     use libcontainer::container::ContainerStatus;
-    let runtime = |e: String| Error::Runtime { context: "OCI runtime start failed".into(), message: e };
+    let runtime = |e: String| Error::Runtime {
+        context: "OCI runtime start failed".into(),
+        message: e,
+    };
     let mut c = load(root, id)?;
     c.refresh_status().map_err(|e| runtime(e.to_string()))?;
     if !c.can_start() {
-        return Err(Error::State(format!("cannot start a container in state {:?}", c.status())));
+        return Err(Error::State(format!(
+            "cannot start a container in state {:?}",
+            c.status()
+        )));
     }
-    let config = libcontainer::config::YoukiConfig::load(&c.root).map_err(|e| runtime(e.to_string()))?;
+    let config =
+        libcontainer::config::YoukiConfig::load(&c.root).map_err(|e| runtime(e.to_string()))?;
     let hook_state = c.state.clone();
-    libcontainer::notify_socket::NotifySocket::new(c.root.join(libcontainer::notify_socket::NOTIFY_FILE))
-        .notify_container_start()
+    libcontainer::notify_socket::NotifySocket::new(
+        c.root.join(libcontainer::notify_socket::NOTIFY_FILE),
+    )
+    .notify_container_start()
+    .map_err(|e| runtime(e.to_string()))?;
+    c.set_status(ContainerStatus::Running)
+        .save()
         .map_err(|e| runtime(e.to_string()))?;
-    c.set_status(ContainerStatus::Running).save().map_err(|e| runtime(e.to_string()))?;
     if let Some(hooks) = config.hooks.as_ref() {
-        libcontainer::hooks::run_hooks(hooks.poststart().as_ref(), Some(&hook_state), Some(&c.root), None, None)
-            .map_err(|e| Error::Runtime { context: "poststart hook failed".into(), message: e.to_string() })?;
+        libcontainer::hooks::run_hooks(
+            hooks.poststart().as_ref(),
+            Some(&hook_state),
+            Some(&c.root),
+            None,
+            None,
+        )
+        .map_err(|e| Error::Runtime {
+            context: "poststart hook failed".into(),
+            message: e.to_string(),
+        })?;
     }
     Ok(())
 }

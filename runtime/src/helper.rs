@@ -208,7 +208,8 @@ fn loopback_up(pid: i32) -> Result<(), String> {
     use nix::sched::{setns, CloneFlags};
     let theirs = format!("/proc/{pid}/ns/net");
     let ns = std::fs::File::open(&theirs).map_err(|e| format!("open {theirs}: {e}"))?;
-    setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("enter network namespace of {pid}: {e}"))?;
+    setns(&ns, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("enter network namespace of {pid}: {e}"))?;
     // SAFETY: a plain socket used only for the interface ioctls below; closed on return.
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if sock < 0 {
@@ -226,7 +227,10 @@ fn loopback_up(pid: i32) -> Result<(), String> {
     // the duration of each call.
     unsafe {
         if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
-            return Err(format!("get flags of lo: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "get flags of lo: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         if req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short == 0 {
             req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
@@ -256,9 +260,15 @@ fn own_netns(pid: i32) -> bool {
 fn sysfs_readonly(pid: i32, bundle: &Path) -> Result<(), String> {
     use nix::mount::{mount, MsFlags};
     use nix::sched::{setns, CloneFlags};
-    let Ok(text) = std::fs::read_to_string(bundle.join("config.json")) else { return Ok(()) };
-    let Ok(spec) = serde_json::from_str::<serde_json::Value>(&text) else { return Ok(()) };
-    let Some(mounts) = spec.get("mounts").and_then(|m| m.as_array()) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(bundle.join("config.json")) else {
+        return Ok(());
+    };
+    let Ok(spec) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(());
+    };
+    let Some(mounts) = spec.get("mounts").and_then(|m| m.as_array()) else {
+        return Ok(());
+    };
     let Some(sys) = mounts.iter().find(|m| {
         m.get("destination").and_then(|d| d.as_str()) == Some("/sys")
             && m.get("type").and_then(|t| t.as_str()) == Some("sysfs")
@@ -274,7 +284,11 @@ fn sysfs_readonly(pid: i32, bundle: &Path) -> Result<(), String> {
         return Ok(());
     }
     let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-    for (name, flag) in [("nosuid", MsFlags::MS_NOSUID), ("nodev", MsFlags::MS_NODEV), ("noexec", MsFlags::MS_NOEXEC)] {
+    for (name, flag) in [
+        ("nosuid", MsFlags::MS_NOSUID),
+        ("nodev", MsFlags::MS_NODEV),
+        ("noexec", MsFlags::MS_NOEXEC),
+    ] {
         if opts.contains(&name) {
             flags |= flag;
         }
@@ -282,7 +296,8 @@ fn sysfs_readonly(pid: i32, bundle: &Path) -> Result<(), String> {
     let ns_path = format!("/proc/{pid}/ns/mnt");
     let ns = std::fs::File::open(&ns_path).map_err(|e| format!("open {ns_path}: {e}"))?;
     // Entering the mount namespace also moves our root and cwd to the container's root.
-    setns(&ns, CloneFlags::CLONE_NEWNS).map_err(|e| format!("enter mount namespace of {pid}: {e}"))?;
+    setns(&ns, CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("enter mount namespace of {pid}: {e}"))?;
     mount(None::<&str>, "/sys", None::<&str>, flags, None::<&str>)
         .map_err(|e| format!("remount /sys read-only in container {pid}: {e}"))
 }
@@ -298,11 +313,20 @@ fn reset_signals() {
             continue;
         }
         // SAFETY: installing the default disposition runs no code of ours in a signal context.
-        let _ = unsafe { sigaction(sig, &SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty())) };
+        let _ = unsafe {
+            sigaction(
+                sig,
+                &SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty()),
+            )
+        };
     }
     // SAFETY: as above; SIGPIPE explicitly, in case the loop above was cut short.
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
-    let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::empty()),
+        None,
+    );
 }
 
 /// A shared log file handle usable as a tracing writer.

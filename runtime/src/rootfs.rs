@@ -68,13 +68,23 @@ pub fn unmount(bundle: &Path) {
 pub fn ensure_cwd(bundle: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let config = bundle.join("config.json");
-    let Ok(text) = std::fs::read_to_string(&config) else { return Ok(()) };
-    let Ok(spec) = serde_json::from_str::<serde_json::Value>(&text) else { return Ok(()) };
-    let Some(cwd) = spec.pointer("/process/cwd").and_then(|v| v.as_str()) else { return Ok(()) };
-    let Some(root) = spec.pointer("/root/path").and_then(|v| v.as_str()) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(&config) else {
+        return Ok(());
+    };
+    let Ok(spec) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(());
+    };
+    let Some(cwd) = spec.pointer("/process/cwd").and_then(|v| v.as_str()) else {
+        return Ok(());
+    };
+    let Some(root) = spec.pointer("/root/path").and_then(|v| v.as_str()) else {
+        return Ok(());
+    };
     let mut dir = bundle.join(root);
     for comp in Path::new(cwd).components() {
-        let std::path::Component::Normal(name) = comp else { continue };
+        let std::path::Component::Normal(name) = comp else {
+            continue;
+        };
         dir.push(name);
         match std::fs::symlink_metadata(&dir) {
             Ok(m) if m.file_type().is_symlink() || !m.is_dir() => return Ok(()),

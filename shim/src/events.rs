@@ -47,18 +47,28 @@ impl Events {
     pub async fn forward(self, mut rx: UnboundedReceiver<RuntimeEvent>) {
         while let Some(ev) = rx.recv().await {
             match ev {
-                RuntimeEvent::Started { container_id, exec_id, pid } if exec_id.is_empty() => {
+                RuntimeEvent::Started {
+                    container_id,
+                    exec_id,
+                    pid,
+                } if exec_id.is_empty() => {
                     let mut e = TaskStart::new();
                     e.container_id = container_id;
                     e.pid = pid;
-                    self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(e)).await;
+                    self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(e))
+                        .await;
                 }
-                RuntimeEvent::Started { container_id, exec_id, pid } => {
+                RuntimeEvent::Started {
+                    container_id,
+                    exec_id,
+                    pid,
+                } => {
                     let mut e = TaskExecStarted::new();
                     e.container_id = container_id;
                     e.exec_id = exec_id;
                     e.pid = pid;
-                    self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(e)).await;
+                    self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(e))
+                        .await;
                 }
                 RuntimeEvent::Exit {
                     container_id,

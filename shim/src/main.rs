@@ -8,7 +8,8 @@
 //! - `-v`, the version.
 //!
 //! Layout: [`service`] (bootstrap and grouping), [`task`] (the task API), [`events`],
-//! [`options`] (runtime options from containerd), [`logging`], [`info`] (`-info`).
+//! [`options`] (runtime options from containerd), [`checkpoint`] (checkpoint/restore
+//! requests), [`logging`], [`info`] (`-info`).
 
 mod checkpoint;
 mod events;

@@ -157,7 +157,10 @@ impl Task for TaskService {
         }
         self.trimmer.poke();
         if let Some(config) = &opts.store_config {
-            self.store.open(config).await.map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
+            self.store
+                .open(config)
+                .await
+                .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         }
         if self.containers.read().await.contains_key(&req.id) {
             return Err(status(

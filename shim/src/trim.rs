@@ -52,14 +52,22 @@ impl Trimmer {
 fn trim() -> usize {
     // SAFETY: malloc_trim only walks and releases the allocator's free memory.
     unsafe { libc::malloc_trim(0) };
-    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else { return 0 };
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
     let mut dropped = 0;
     for m in mappings(&smaps) {
         if m.droppable() {
             // SAFETY: the range is a whole mapping of this process, read-only, file-backed
             // and without private (anonymous) pages, so dropping its page-table entries
             // loses nothing: the next access faults the same file contents back in.
-            let rc = unsafe { libc::madvise(m.start as *mut libc::c_void, m.end - m.start, libc::MADV_DONTNEED) };
+            let rc = unsafe {
+                libc::madvise(
+                    m.start as *mut libc::c_void,
+                    m.end - m.start,
+                    libc::MADV_DONTNEED,
+                )
+            };
             if rc == 0 {
                 dropped += m.rss_kib * 1024;
             }
@@ -93,14 +101,28 @@ fn mappings(smaps: &str) -> Vec<Mapping<'_>> {
         let mut it = line.split_whitespace();
         let Some(first) = it.next() else { continue };
         if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(start), Ok(end)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+            if let (Ok(start), Ok(end)) =
+                (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+            {
                 let perms = it.next().unwrap_or("");
                 let path = it.nth(3).unwrap_or("");
-                out.push(Mapping { start, end, perms, path, rss_kib: 0, anonymous_kib: 0 });
+                out.push(Mapping {
+                    start,
+                    end,
+                    perms,
+                    path,
+                    rss_kib: 0,
+                    anonymous_kib: 0,
+                });
                 continue;
             }
         }
-        let value = || it.clone().next().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+        let value = || {
+            it.clone()
+                .next()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0)
+        };
         if let Some(m) = out.last_mut() {
             match first {
                 "Rss:" => m.rss_kib = value(),

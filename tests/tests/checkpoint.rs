@@ -196,6 +196,18 @@ fn check_lifecycle(cx: &Ctx, id: &str, counter_file: &str) -> Result<()> {
     );
     let pid = cx.ctr.task_pid(id)?;
     ensure!(pid > 0, "restored task {id} reports pid 0");
+    // In the container's own cgroup (v1 controllers and v2 alike), not the shim's.
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let own = format!("/{}/{id}", cx.env.namespace);
+    for line in cgroup.lines() {
+        let ctrls = line.split(':').nth(1).unwrap_or_default();
+        if ctrls.contains("memory") || ctrls.contains("pids") || ctrls.is_empty() {
+            ensure!(
+                line.ends_with(&own),
+                "restored init {pid} is in the wrong cgroup: {line} (want {own})"
+            );
+        }
+    }
     let out = cx.exec(id, &["sh", "-c", "echo exec-ok"])?;
     ensure!(
         out.contains("exec-ok"),
@@ -677,6 +689,65 @@ fn established_tcp_open_tcp(cx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// A process holding a file lock: without `file_locks` CRIU refuses (its reason reaches the
+/// caller, the task runs on); with it the lock is dumped and held again after restore.
+fn file_locks(cx: &Ctx) -> Result<()> {
+    let mut d = Direct::run(cx, &["/bin/ckload", "lock", "/tmp/locked"], None)?;
+    wait_for("the lock holder to count", WAIT, || {
+        d.number("/tmp/locked").ok().filter(|n| *n >= 3)
+    })?;
+    let images = d.dir.join("images");
+    let err = d
+        .checkpoint(&images, CheckpointOptions::default())
+        .err()
+        .context("a dump of a held file lock without file_locks succeeded")?;
+    let text = format!("{err:#}");
+    ensure!(
+        text.contains("CRIU") && text.to_lowercase().contains("lock"),
+        "the error does not carry CRIU's reason: {text}"
+    );
+    ensure!(
+        d.shim.status(&d.id, "")? == "RUNNING",
+        "not RUNNING after the failed dump"
+    );
+    let n = d.number("/tmp/locked")?;
+    wait_for("the lock holder to go on", WAIT, || {
+        d.number("/tmp/locked").ok().filter(|m| *m >= n + 2)
+    })?;
+    let _ = std::fs::remove_dir_all(&images);
+    d.checkpoint(
+        &images,
+        CheckpointOptions {
+            file_locks: true,
+            exit: true,
+            ..Default::default()
+        },
+    )?;
+    d.shim
+        .wait(&d.id, "")
+        .map_err(|e| anyhow::anyhow!("Wait: {e}"))?;
+    d.restore(&images)?;
+    let pid = d
+        .shim
+        .state(&d.id, "")
+        .map_err(|e| anyhow::anyhow!("State: {e}"))?
+        .pid;
+    let n = d.number("/tmp/locked")?;
+    wait_for("the restored lock holder to count", WAIT, || {
+        d.number("/tmp/locked").ok().filter(|m| *m >= n + 2)
+    })?;
+    // /proc/locks: "N: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF".
+    let locks = std::fs::read_to_string("/proc/locks")?;
+    ensure!(
+        locks
+            .lines()
+            .any(|l| l.contains("FLOCK") && l.split_whitespace().nth(4) == Some(&pid.to_string())),
+        "the restored process {pid} holds no flock:\n{locks}"
+    );
+    d.shim.remove(&d.id);
+    Ok(())
+}
+
 /// A paused task is dumped as it is (it stays paused, frozen), and its dump restores.
 fn paused_dump_restores(cx: &Ctx) -> Result<()> {
     let mut d = Direct::run(cx, &["sh", "-c", COUNTER], None)?;
@@ -922,6 +993,7 @@ fn scenarios() -> Vec<Scenario> {
         ("terminal_container", terminal_container),
         ("established_tcp_open_tcp", established_tcp_open_tcp),
         ("paused_dump_restores", paused_dump_restores),
+        ("file_locks", file_locks),
         ("criu_missing", criu_missing),
         ("criu_killed_mid_dump", criu_killed_mid_dump),
         ("undumpable_resource", undumpable_resource),

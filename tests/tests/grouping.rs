@@ -12,11 +12,20 @@ use runc_architect_tests::{Containerd, Ctr, Runtime, Version};
 /// Pids of `binary` processes serving namespace `ns` (their command line names it).
 fn shims(binary: &str, ns: &str) -> Vec<u32> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for entry in dir.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<String> = raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
         let is_binary = args.first().is_some_and(|a| a.ends_with(binary));
         // Not the short-lived `start` and `delete` invocations.
         let serving = !args.last().is_some_and(|a| a == "start" || a == "delete");
@@ -40,11 +49,26 @@ fn one_pod(ctr: &Ctr, rt: Runtime) -> Result<()> {
     let annotation = format!("io.kubernetes.cri.sandbox-id={pod}");
     let ids: Vec<String> = (0..3).map(|i| format!("{pod}-c{i}")).collect();
     for id in &ids {
-        ctr.ok(&["run", "-d", "--runtime", rt.runtime_type(), "--annotation", &annotation, BUSYBOX_IMAGE, id, "sleep", "1000"])
-            .with_context(|| format!("run {id}"))?;
+        ctr.ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            rt.runtime_type(),
+            "--annotation",
+            &annotation,
+            BUSYBOX_IMAGE,
+            id,
+            "sleep",
+            "1000",
+        ])
+        .with_context(|| format!("run {id}"))?;
     }
     let pids = shims(binary_name(rt), &ns);
-    ensure!(pids.len() == 1, "{}: expected one shim for the pod, found {pids:?}", rt.name());
+    ensure!(
+        pids.len() == 1,
+        "{}: expected one shim for the pod, found {pids:?}",
+        rt.name()
+    );
     // Deleting two of three leaves the shim serving the third.
     for id in &ids[..2] {
         ctr.ok(&["task", "kill", "-s", "SIGKILL", id])?;
@@ -52,16 +76,36 @@ fn one_pod(ctr: &Ctr, rt: Runtime) -> Result<()> {
         ctr.ok(&["task", "rm", id])?;
         ctr.ok(&["container", "rm", id])?;
     }
-    ensure!(shims(binary_name(rt), &ns) == pids, "{}: the pod's shim went away early", rt.name());
-    let out = ctr.ok(&["task", "exec", "--exec-id", "probe", &ids[2], "sh", "-c", "echo alive"])?;
-    ensure!(out.stdout_str().trim() == "alive", "{}: exec after partial delete: {:?}", rt.name(), out.stdout_str());
+    ensure!(
+        shims(binary_name(rt), &ns) == pids,
+        "{}: the pod's shim went away early",
+        rt.name()
+    );
+    let out = ctr.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "probe",
+        &ids[2],
+        "sh",
+        "-c",
+        "echo alive",
+    ])?;
+    ensure!(
+        out.stdout_str().trim() == "alive",
+        "{}: exec after partial delete: {:?}",
+        rt.name(),
+        out.stdout_str()
+    );
     // The last delete ends the shim.
     ctr.ok(&["task", "kill", "-s", "SIGKILL", &ids[2]])?;
     ctr.wait_status(&ids[2], "STOPPED", Duration::from_secs(10))?;
     ctr.ok(&["task", "rm", &ids[2]])?;
     ctr.ok(&["container", "rm", &ids[2]])?;
-    wait_for("the pod's shim to exit", Duration::from_secs(10), || shims(binary_name(rt), &ns).is_empty().then_some(()))
-        .with_context(|| format!("{}: shim still running after the last delete", rt.name()))?;
+    wait_for("the pod's shim to exit", Duration::from_secs(10), || {
+        shims(binary_name(rt), &ns).is_empty().then_some(())
+    })
+    .with_context(|| format!("{}: shim still running after the last delete", rt.name()))?;
     Ok(())
 }
 

@@ -93,8 +93,13 @@ fn v1_metrics(paths: &CgroupPaths) -> v1::Metrics {
 fn v1_blkio(dir: &Path) -> v1::BlkIOStat {
     let read = |name: &str| -> Vec<v1::BlkIOEntry> {
         let primary = blkio_entries(&dir.join(format!("blkio.{name}")));
-        if primary.is_empty() && matches!(name, "io_service_bytes_recursive" | "io_serviced_recursive") {
-            return blkio_entries(&dir.join(format!("blkio.throttle.{}", name.trim_end_matches("_recursive"))));
+        if primary.is_empty()
+            && matches!(name, "io_service_bytes_recursive" | "io_serviced_recursive")
+        {
+            return blkio_entries(&dir.join(format!(
+                "blkio.throttle.{}",
+                name.trim_end_matches("_recursive")
+            )));
         }
         primary
     };
@@ -112,7 +117,9 @@ fn v1_blkio(dir: &Path) -> v1::BlkIOStat {
 
 /// Parses `MAJ:MIN [Op] value` lines; `Total` lines are skipped.
 fn blkio_entries(path: &Path) -> Vec<v1::BlkIOEntry> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
