@@ -49,9 +49,10 @@
 //!    namespaces and mounts nobody uses, on the latency-critical path. libcontainer's state (`state.json`,
 //!    its config) is written afterwards so that pause, resume, update, exec and delete
 //!    work on the restored container exactly as on a created one.
-//! 2. The mounted rootfs is bind-mounted to a private directory in the state directory
-//!    and given to CRIU as its root; external mounts are mapped to their sources in the
-//!    new bundle's spec; missing mount points are created first.
+//! 2. The rootfs containerd had the shim mount is CRIU's root (a bundle's plain rootfs
+//!    directory is bind-mounted into the state directory first: CRIU's root must be a
+//!    mount point); external mounts are mapped to their sources in the new bundle's spec;
+//!    missing mount points are created first.
 //! 3. New stdio pipes (or a console socket) come from [`crate::io::ProcessIo`] as for a
 //!    cold start, and are handed to CRIU with `inherit_fd` under the `pipe:[inode]` keys
 //!    recorded at dump. A terminal's new pty master arrives with the `orphan-pts-master`

@@ -35,8 +35,8 @@ type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 /// Where the log of a failed restore is kept (in the bundle).
 const RESTORE_LOG_COPY: &str = "criu-restore.log";
 
-/// Directory in the container's state directory where the rootfs is bind-mounted as
-/// CRIU's root while it restores.
+/// Directory in the container's state directory where a rootfs that is not a mount point
+/// is bind-mounted as CRIU's root while it restores.
 const CRIU_ROOT: &str = "criu-root";
 
 /// A Create with a checkpoint.
@@ -228,22 +228,30 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         })
     };
 
-    // The rootfs, bind-mounted privately as CRIU's root, with its mount points.
+    // CRIU's root must be a mount point: the rootfs containerd had us mount is one; a
+    // bundle's plain rootfs directory is bind-mounted into the state directory first.
+    // Using the mounted rootfs as it is leaves nothing to clean up should the shim die
+    // in the middle of the restore.
     let rootfs = rootfs_of(bundle, &spec);
     mounts::ensure_mountpoints(&rootfs, &spec)
         .map_err(|e| CheckpointError::io(id, "create mount points in", &rootfs, e))?;
-    let criu_root = state_dir.join(CRIU_ROOT);
-    std::fs::create_dir(&criu_root)
-        .map_err(|e| CheckpointError::io(id, "create", &criu_root, e))?;
-    nix::mount::mount(
-        Some(&rootfs),
-        &criu_root,
-        None::<&str>,
-        nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| CheckpointError::io(id, "bind-mount the rootfs on", &criu_root, e.into()))?;
-    undo.criu_root = Some(criu_root.clone());
+    let criu_root = if is_mount_point(&rootfs) {
+        rootfs.clone()
+    } else {
+        let criu_root = state_dir.join(CRIU_ROOT);
+        std::fs::create_dir(&criu_root)
+            .map_err(|e| CheckpointError::io(id, "create", &criu_root, e))?;
+        nix::mount::mount(
+            Some(&rootfs),
+            &criu_root,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| CheckpointError::io(id, "bind-mount the rootfs on", &criu_root, e.into()))?;
+        undo.criu_root = Some(criu_root.clone());
+        criu_root
+    };
 
     // New stdio, as for a cold start; CRIU re-attaches it by the dumped pipes' inodes.
     let (io, child) = ProcessIo::prepare(&cfg.create.stdio, &std::env::temp_dir())
@@ -466,6 +474,19 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
     Ok(Restored { pid, io, exited })
 }
 
+/// Whether `path` is a mount point in this mount namespace.
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(path) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    mounts::parse_mountinfo(&text)
+        .iter()
+        .any(|m| Path::new(&m.mount_point) == path)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -529,6 +550,12 @@ fn write_state(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_mount_points() {
+        assert!(is_mount_point(Path::new("/proc")));
+        assert!(!is_mount_point(Path::new("/proc/self/fd")));
+    }
 
     #[test]
     fn joins_cgroup_paths() {
