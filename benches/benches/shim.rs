@@ -19,10 +19,10 @@
 //! `target/release/containerd-shim-runc-architect-v1`, or `RA_SHIM_BINARY`). Environment:
 //! `RA_BENCH_ROUNDS` (default 15), `RA_ONLY_CONTAINERD=1.7|2.1` (default 1.7).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use runc_architect_tests::cleanup::serving_shims;
 use runc_architect_tests::image::ImageBuilder;
 use runc_architect_tests::shim::{write_bundle, ShimProcess};
 use runc_architect_tests::spec::default_spec;
@@ -195,25 +195,11 @@ fn shim_pid(rt: Runtime, id: &str) -> Result<u32> {
         Runtime::Stock => "containerd-shim-runc-v2",
         Runtime::Architect => "containerd-shim-runc-architect-v1",
     };
-    for entry in std::fs::read_dir("/proc")? {
-        let entry = entry?;
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_shim = args
-            .first()
-            .map(|a| Path::new(a).file_name().is_some_and(|f| f == binary))
-            .unwrap_or(false);
-        if is_shim && args.windows(2).any(|w| w[0] == "-id" && w[1] == id) {
-            return Ok(pid);
-        }
+    let pids = serving_shims(binary, |args| {
+        args.windows(2).any(|w| w[0] == "-id" && w[1] == id)
+    });
+    if let Some(pid) = pids.first() {
+        return Ok(*pid);
     }
     bail!("no {binary} process serving {id}")
 }

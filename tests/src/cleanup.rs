@@ -38,6 +38,36 @@ pub fn processes_with_arg(arg: &str) -> Vec<i32> {
     pids
 }
 
+/// Pids of serving shim processes (`binary` is the shim's file name) whose command line
+/// matches `filter`: not the short-lived `start` and `delete` invocations.
+pub fn serving_shims(binary: &str, filter: impl Fn(&[String]) -> bool) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_binary = args
+            .first()
+            .and_then(|a| std::path::Path::new(a).file_name())
+            .is_some_and(|f| f == binary);
+        let serving = !args.last().is_some_and(|a| a == "start" || a == "delete");
+        if is_binary && serving && filter(&args) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// SIGKILLs `pids` and waits (bounded) until they are gone.
 pub fn kill_and_wait(pids: &[i32]) {
     for &p in pids {

@@ -5,35 +5,16 @@
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use runc_architect_tests::cleanup::serving_shims;
 use runc_architect_tests::image::{ImageBuilder, BUSYBOX_IMAGE};
 use runc_architect_tests::poll::wait_for;
 use runc_architect_tests::{Containerd, Ctr, Runtime, Version};
 
 /// Pids of `binary` processes serving namespace `ns` (their command line names it).
 fn shims(binary: &str, ns: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = raw
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_binary = args.first().is_some_and(|a| a.ends_with(binary));
-        // Not the short-lived `start` and `delete` invocations.
-        let serving = !args.last().is_some_and(|a| a == "start" || a == "delete");
-        if is_binary && serving && args.windows(2).any(|w| w[0] == "-namespace" && w[1] == ns) {
-            out.push(pid);
-        }
-    }
-    out
+    serving_shims(binary, |args| {
+        args.windows(2).any(|w| w[0] == "-namespace" && w[1] == ns)
+    })
 }
 
 fn binary_name(rt: Runtime) -> &'static str {
