@@ -2,7 +2,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use libtest_mimic::Trial;
+
+use crate::Version;
 
 /// A value built on first use by whichever trial needs it first, shared by all trials, and
 /// dropped by [`LazyShared::shutdown`] once the trials are done (statics are never dropped,
@@ -45,4 +48,40 @@ pub fn arguments() -> libtest_mimic::Arguments {
         args.test_threads = Some(2);
     }
     args
+}
+
+/// The main of a per-version suite: for each selected containerd version, a lazily started
+/// environment (`start`, after checking the version is installed) and the trials
+/// `trials(version, env)` makes for it; runs them, stops the environments, exits with
+/// libtest's verdict. A version selection that cannot be read is one failing trial.
+pub fn run_per_version<E: Send + Sync + 'static>(
+    start: fn(Version) -> Result<E>,
+    trials: impl Fn(Version, Arc<LazyShared<E>>) -> Vec<Trial>,
+) -> ! {
+    let args = arguments();
+    let mut all = Vec::new();
+    let mut envs = Vec::new();
+    match Version::selected() {
+        Ok(versions) => {
+            for version in versions {
+                let env = Arc::new(LazyShared::new(move || {
+                    version.check_installed()?;
+                    start(version).with_context(|| format!("cannot set up {version}"))
+                }));
+                envs.push(env.clone());
+                all.extend(trials(version, env));
+            }
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            all.push(Trial::test("select-containerd-versions", move || {
+                Err(msg.clone().into())
+            }));
+        }
+    }
+    let conclusion = libtest_mimic::run(&args, all);
+    for e in &envs {
+        e.shutdown();
+    }
+    conclusion.exit()
 }

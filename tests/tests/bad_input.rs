@@ -36,7 +36,6 @@
 //! INVALID_ARGUMENT (see the cases).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
@@ -45,7 +44,7 @@ use runc_architect_tests::image::{ImageBuilder, BUSYBOX_IMAGE};
 use runc_architect_tests::paths::{self, Runtime};
 use runc_architect_tests::shim::{write_bundle, RpcError, ShimProcess, RUNC_OPTIONS_TYPE_URL};
 use runc_architect_tests::spec::default_spec;
-use runc_architect_tests::suite::{self, LazyShared};
+use runc_architect_tests::suite;
 use runc_architect_tests::{Containerd, Version};
 
 /// One version's shared pieces: a daemon (the shims publish their events to it), the shim
@@ -418,36 +417,19 @@ fn check(env: &Env, case: &Case) -> Result<()> {
 }
 
 fn main() {
-    let args = suite::arguments();
-    let mut trials = Vec::new();
-    let mut envs = Vec::new();
-    match Version::selected() {
-        Ok(versions) => {
-            for version in versions {
-                let env = Arc::new(LazyShared::new(move || Env::start(version)));
-                envs.push(env.clone());
-                for case in cases() {
-                    let env = env.clone();
-                    trials.push(Trial::test(
-                        format!("{version}::{}", case.name),
-                        move || -> Result<(), Failed> {
-                            let e = env.get()?;
-                            check(&e, &case).map_err(|e| Failed::from(format!("{e:#}")))
-                        },
-                    ));
-                }
-            }
-        }
-        Err(e) => {
-            let msg = format!("{e:#}");
-            trials.push(Trial::test("select-containerd-versions", move || {
-                Err(msg.clone().into())
-            }));
-        }
-    }
-    let conclusion = libtest_mimic::run(&args, trials);
-    for e in &envs {
-        e.shutdown();
-    }
-    conclusion.exit();
+    suite::run_per_version(Env::start, |version, env| {
+        cases()
+            .into_iter()
+            .map(|case| {
+                let env = env.clone();
+                Trial::test(
+                    format!("{version}::{}", case.name),
+                    move || -> Result<(), Failed> {
+                        let e = env.get()?;
+                        check(&e, &case).map_err(|e| Failed::from(format!("{e:#}")))
+                    },
+                )
+            })
+            .collect()
+    })
 }

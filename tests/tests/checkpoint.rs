@@ -34,7 +34,7 @@ use runc_architect_tests::image::ImageBuilder;
 use runc_architect_tests::paths::ARCHITECT_RUNTIME;
 use runc_architect_tests::poll::{try_wait_for, wait_for};
 use runc_architect_tests::pty::Step;
-use runc_architect_tests::suite::{self, LazyShared};
+use runc_architect_tests::suite;
 use runc_architect_tests::{Containerd, Ctr, Output, Version};
 
 /// How long a scenario waits for something it expects.
@@ -1001,45 +1001,23 @@ fn scenarios() -> Vec<Scenario> {
 }
 
 fn main() {
-    let args = suite::arguments();
-    let mut trials = Vec::new();
-    let mut envs = Vec::new();
-    match Version::selected() {
-        Ok(versions) => {
-            for version in versions {
-                let env = Arc::new(LazyShared::new(move || {
-                    version.check_installed()?;
-                    Env::start(version).with_context(|| format!("cannot set up {version}"))
-                }));
-                envs.push(env.clone());
-                for (name, run) in scenarios() {
-                    let env = env.clone();
-                    trials.push(Trial::test(
-                        format!("{version}::{name}"),
-                        move || -> Result<(), Failed> {
-                            let e = env.get()?;
-                            let cx = Ctx::new(e.clone(), name);
-                            run(&cx).map_err(|err| {
-                                let log = e.containerd.log_tail(40);
-                                Failed::from(format!(
-                                    "{err:#}\n--- containerd log (tail) ---\n{log}"
-                                ))
-                            })
-                        },
-                    ));
-                }
-            }
-        }
-        Err(e) => {
-            let msg = format!("{e:#}");
-            trials.push(Trial::test("select-containerd-versions", move || {
-                Err(msg.clone().into())
-            }));
-        }
-    }
-    let conclusion = libtest_mimic::run(&args, trials);
-    for e in &envs {
-        e.shutdown();
-    }
-    conclusion.exit();
+    suite::run_per_version(Env::start, |version, env| {
+        scenarios()
+            .into_iter()
+            .map(|(name, run)| {
+                let env = env.clone();
+                Trial::test(
+                    format!("{version}::{name}"),
+                    move || -> Result<(), Failed> {
+                        let e = env.get()?;
+                        let cx = Ctx::new(e.clone(), name);
+                        run(&cx).map_err(|err| {
+                            let log = e.containerd.log_tail(40);
+                            Failed::from(format!("{err:#}\n--- containerd log (tail) ---\n{log}"))
+                        })
+                    },
+                )
+            })
+            .collect()
+    })
 }

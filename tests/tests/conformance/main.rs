@@ -22,14 +22,12 @@ mod security;
 mod util;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use libtest_mimic::{Failed, Trial};
 use runc_architect_tests::diff::Observation;
 use runc_architect_tests::differential::{RunCtx, VersionEnv};
-use runc_architect_tests::suite::{self, LazyShared};
-use runc_architect_tests::Version;
+use runc_architect_tests::suite;
 
 /// A scenario: observes what a ctr user sees.
 pub struct Scenario {
@@ -51,41 +49,20 @@ fn scenarios() -> Vec<Scenario> {
 }
 
 fn main() {
-    let args = suite::arguments();
-    let mut trials = Vec::new();
-    let mut envs = Vec::new();
-    match Version::selected() {
-        Ok(versions) => {
-            for version in versions {
-                let env = Arc::new(LazyShared::new(move || {
-                    version.check_installed()?;
-                    VersionEnv::start(version).with_context(|| format!("cannot set up {version}"))
-                }));
-                envs.push(env.clone());
-                for s in scenarios() {
-                    let env = env.clone();
-                    let run = s.run;
-                    let name = s.name;
-                    trials.push(Trial::test(
-                        format!("{}::{}", version, s.name),
-                        move || -> Result<(), Failed> {
-                            let e = env.get()?;
-                            e.compare(name, &run).map_err(|e| format!("{e:#}").into())
-                        },
-                    ));
-                }
-            }
-        }
-        Err(e) => {
-            let msg = format!("{e:#}");
-            trials.push(Trial::test("select-containerd-versions", move || {
-                Err(msg.clone().into())
-            }));
-        }
-    }
-    let conclusion = libtest_mimic::run(&args, trials);
-    for e in &envs {
-        e.shutdown();
-    }
-    conclusion.exit();
+    suite::run_per_version(VersionEnv::start, |version, env| {
+        scenarios()
+            .into_iter()
+            .map(|s| {
+                let env = env.clone();
+                let (name, run) = (s.name, s.run);
+                Trial::test(
+                    format!("{version}::{name}"),
+                    move || -> Result<(), Failed> {
+                        let e = env.get()?;
+                        e.compare(name, &run).map_err(|e| format!("{e:#}").into())
+                    },
+                )
+            })
+            .collect()
+    })
 }
