@@ -654,6 +654,7 @@ fn runtime_err(context: &str, e: libcontainer::error::LibcontainerError) -> Erro
 /// Removes libcontainer's state of `id` (and its cgroups), killing what is left.
 pub async fn force_delete(root: PathBuf, id: String) -> Result<()> {
     blocking(move || {
+        crate::checkpoint::restore::clean_leftovers(&root.join(&id));
         if !root.join(&id).exists() {
             return Ok(());
         }

@@ -108,6 +108,17 @@ impl NetNs {
             .parse()
             .expect("valid address")
     }
+
+    /// The namespace's IPv4 and IPv6 filter rules (`iptables -S`, then `ip6tables -S`).
+    pub fn filter_rules(&self) -> Result<String> {
+        let mut all = String::new();
+        for tool in ["iptables", "ip6tables"] {
+            let out =
+                process::host("ip", &["netns", "exec", &self.name, tool, "-w", "-S"])?.ok()?;
+            all.push_str(&out.stdout_str());
+        }
+        Ok(all)
+    }
 }
 
 impl Drop for NetNs {

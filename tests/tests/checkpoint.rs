@@ -8,13 +8,15 @@
 //!   --rw` / delete / `ctr c restore --live --rw` (and then exec, metrics, pause, kill,
 //!   wait and delete work on the restored task); a TCP server in a pod-style network
 //!   namespace that serves again; a process tree joined by a pipe and a unix socket
-//!   pair; tmpfs and bind mounts; a paused container (`ctr t checkpoint` too); a terminal;
+//!   pair; tmpfs and bind mounts; tmpfs mounts that come back exactly as they were
+//!   (options, modes, owners, read-only), empty or not; a paused container (`ctr t checkpoint` too); a terminal;
 //!   a checkpoint restored twice into fresh containers;
 //! - straight to the shim's task API (what ctr cannot ask for: ctr passes checkpoint
 //!   options only to runtimes named `io.containerd.runc.v1/v2`, so `ctr t checkpoint
 //!   --exit` is a plain checkpoint for any other runtime name): an established TCP
-//!   connection kept with `open_tcp` across a dump with `exit` and a restore, and the
-//!   dump of a paused task restored;
+//!   connection kept with `open_tcp` across a dump with `exit` and a restore, the
+//!   network lock a dump with `exit` leaves in a pod's namespace until the restore, and
+//!   the dump of a paused task restored;
 //! - failures: CRIU missing, CRIU killed mid-dump, a resource CRIU cannot dump. Each
 //!   leaves the container running, untouched, and the error names CRIU's reason.
 //!
@@ -429,6 +431,59 @@ fn tmpfs_and_bind_mount(cx: &Ctx) -> Result<()> {
     cx.remove(&id)
 }
 
+/// What a container sees of its tmpfs mounts: their mountinfo from the mount point on
+/// (sorted: CRIU mounts in its own order, with any runtime), and mode and owner of their
+/// roots. Only whole tmpfs mounts: runc's restore turns masked files (binds of the
+/// container's /dev/null) into binds of the host's, which would fail the stock runtime.
+fn tmpfs_view(cx: &Ctx, id: &str) -> Result<String> {
+    let script = "cut -d' ' -f4- /proc/self/mountinfo | grep '^/ .* - tmpfs ' \
+                  | cut -d' ' -f2- | sort; \
+                  stat -c '%n %a %u %g' /run /scratch /dev/shm /proc/acpi /sys/firmware";
+    cx.exec(id, &["sh", "-c", script])
+}
+
+/// Tmpfs mounts come back as they were, whether CRIU archives them or (empty at dump)
+/// runc-architect mounts them afresh: same options, root modes and owners, read-only
+/// where they were; an unlinked file still open in one keeps its data.
+fn tmpfs_mounts_as_they_were(cx: &Ctx) -> Result<()> {
+    let id = cx.id("");
+    let image = cx.image_ref("");
+    let tmpfs = "type=tmpfs,src=tmpfs,dst=/scratch,options=size=4m:mode=0750";
+    // /run, /scratch and the masked /proc/acpi and /sys/firmware stay empty; /dev/shm
+    // holds a file that is unlinked but open.
+    let script = "chmod 700 /run; chown 65534:65534 /scratch; \
+                  exec 3<>/dev/shm/held; echo unlinked-but-open >&3; rm /dev/shm/held; \
+                  i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done";
+    cx.run_detached(&id, &["--mount", tmpfs], &["sh", "-c", script])?;
+    cx.wait_number(&id, "/tmp/count", 3)?;
+    let before = tmpfs_view(cx, &id)?;
+    ensure!(
+        before.contains("/scratch 750 65534 65534") && before.contains("/run 700 0 0"),
+        "the workload did not set up its mounts:\n{before}"
+    );
+    cx.checkpoint(&id, &image)?;
+    cx.remove(&id)?;
+    cx.restore(&id, &image)?;
+    let after = tmpfs_view(cx, &id)?;
+    ensure!(
+        before == after,
+        "tmpfs mounts differ after restore:\n--- before\n{before}\n--- after\n{after}"
+    );
+    let held = cx.exec(&id, &["cat", "/proc/1/fd/3"])?;
+    ensure!(
+        held.trim() == "unlinked-but-open",
+        "the unlinked file in /dev/shm holds {held:?}"
+    );
+    let probe = "touch /run/x /scratch/x /dev/shm/x && echo writable; \
+                 touch /proc/acpi/x 2>/dev/null || echo read-only";
+    let out = cx.exec(&id, &["sh", "-c", probe])?;
+    ensure!(
+        out.split_whitespace().collect::<Vec<_>>() == ["writable", "read-only"],
+        "after restore: {out:?}"
+    );
+    cx.remove(&id)
+}
+
 /// A paused container: `ctr t checkpoint` leaves it paused (frozen, not running a single
 /// step), and it resumes afterwards. (`ctr c checkpoint` pauses unconditionally, so on a
 /// paused task it fails with any shim; a paused task's dump is restored in
@@ -685,6 +740,57 @@ fn established_tcp_open_tcp(cx: &Ctx) -> Result<()> {
         .context("the kept connection after restore")?;
     ensure!(a == "pong 2 two", "the kept connection answered {a:?}");
     d.shim.check_serves(&d.id, "probe")?;
+    d.shim.remove(&d.id);
+    Ok(())
+}
+
+/// The network of a pod-style namespace is held still while its container is dumped: a
+/// dump that kills the tree (`exit`) leaves the namespace locked (connections neither
+/// answered nor refused) until the restore lifts the lock; a dump that leaves the tree
+/// running leaves no lock behind.
+fn network_lock_until_restore(cx: &Ctx) -> Result<()> {
+    let ns = NetNs::create()?;
+    let mut d = Direct::run(cx, &["/bin/ckload", "echo", "7474"], Some(&ns))?;
+    let addr = ns.addr(7474);
+    ckpt::wait_answer(addr, Some("probe"), WAIT)?;
+    let clean = ns.filter_rules()?;
+
+    let running = d.dir.join("running");
+    d.checkpoint(&running, CheckpointOptions::default())?;
+    let rules = ns.filter_rules()?;
+    ensure!(
+        rules == clean,
+        "a dump that left the task running left rules behind:\n{rules}"
+    );
+    ckpt::wait_answer(addr, Some("still"), WAIT)?;
+
+    let images = d.dir.join("images");
+    d.checkpoint(
+        &images,
+        CheckpointOptions {
+            exit: true,
+            ..Default::default()
+        },
+    )?;
+    d.shim.wait(&d.id, "").context("wait for the dumped init")?;
+    let rules = ns.filter_rules()?;
+    ensure!(
+        rules.contains("RUNC-ARCHITECT") && rules.contains("-j DROP"),
+        "no network lock after a dump with exit:\n{rules}"
+    );
+    // Locked, not closed: nothing answers, nothing refuses (SYNs are dropped).
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => anyhow::bail!("connecting to the locked namespace gave {other:?}"),
+    }
+    d.restore(&images)?;
+    let rules = ns.filter_rules()?;
+    ensure!(
+        rules == clean,
+        "the restore left the lock in place:\n{rules}"
+    );
+    let (a, _) = ckpt::wait_answer(addr, Some("again"), WAIT)?;
+    ensure!(a.ends_with(" again"), "restored server answered {a:?}");
     d.shim.remove(&d.id);
     Ok(())
 }
@@ -947,6 +1053,11 @@ fn criu_killed_mid_dump(cx: &Ctx) -> Result<()> {
     }
     let (again, _) = ckpt::wait_answer(addr, None, WAIT)?;
     ensure!(again == sum, "the heap changed: {sum:?} then {again:?}");
+    let rules = ns.filter_rules()?;
+    ensure!(
+        !rules.contains("RUNC-ARCHITECT") && !rules.contains("CRIU"),
+        "a network lock outlived the killed CRIU:\n{rules}"
+    );
     cx.remove(&id)
 }
 
@@ -989,10 +1100,12 @@ fn scenarios() -> Vec<Scenario> {
         ("tcp_server_in_netns", tcp_server_in_netns),
         ("process_tree_pipes_unix", process_tree_pipes_unix),
         ("tmpfs_and_bind_mount", tmpfs_and_bind_mount),
+        ("tmpfs_mounts_as_they_were", tmpfs_mounts_as_they_were),
         ("paused_container", paused_container),
         ("terminal_container", terminal_container),
         ("established_tcp_open_tcp", established_tcp_open_tcp),
         ("paused_dump_restores", paused_dump_restores),
+        ("network_lock_until_restore", network_lock_until_restore),
         ("file_locks", file_locks),
         ("criu_missing", criu_missing),
         ("criu_killed_mid_dump", criu_killed_mid_dump),

@@ -1,21 +1,23 @@
 //! `Task.Checkpoint`: dumping a container's init and its descendants with CRIU. See the
 //! module docs of [`crate::checkpoint`] for the design.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use criu_rpc::{Criu, CriuOptions, CriuStderr};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::freezer::{self, Snapshot, FREEZE_TIMEOUT};
 use super::meta::{DumpRecord, StdioRecord, RECORD_VERSION};
 use super::mounts::{self, parse_mountinfo};
-use super::netlock::{self, LockWatch};
+use super::netlock::LockWatch;
 use super::spawner::ShimSpawner;
 use super::{
-    restrict_tree, CheckpointError, CheckpointRequest, DUMP_LOG, EXT_NET_NS_KEY, EXT_PID_NS_KEY,
+    restrict_tree, CheckpointError, CheckpointRequest, NetworkLock, DUMP_LOG, EXT_NET_NS_KEY,
+    EXT_PID_NS_KEY,
 };
 use crate::cgroups::CgroupPaths;
 use crate::exits::ExitWatcher;
@@ -82,6 +84,13 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
     let external_mounts = mounts::classify(&mountinfo, &spec);
     let mount_ids: Vec<u32> = mountinfo.iter().map(|m| m.id).collect();
 
+    let empty_ns = empty_namespaces(&req.empty_namespaces)?;
+    // A network namespace dumped empty is re-created by CRIU at restore, which must lock
+    // it while sockets are repaired: only CRIU's own lock does that.
+    let network_lock = match req.network_lock {
+        NetworkLock::Runtime if empty_ns & libc::CLONE_NEWNET as u32 != 0 => NetworkLock::Iptables,
+        other => other,
+    };
     let mut opts = CriuOptions::new()
         .pid(pid)
         .images_dir(&req.image_dir)
@@ -96,11 +105,10 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
         .file_locks(req.file_locks)
         .manage_cgroups(req.cgroups_mode.managed())
         .manage_cgroups_mode(req.cgroups_mode.criu())
-        .network_lock(req.network_lock.criu());
+        .network_lock(network_lock.criu());
     if let Some(parent) = &req.parent {
         opts = opts.parent_img(parent.to_string_lossy());
     }
-    let empty_ns = empty_namespaces(&req.empty_namespaces)?;
     if empty_ns != 0 {
         opts = opts.empty_ns(empty_ns);
     }
@@ -160,7 +168,7 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
         }
         stdio.push(rec);
     }
-    let record = DumpRecord {
+    let mut record = DumpRecord {
         version: RECORD_VERSION,
         container_id: id.to_string(),
         stdio,
@@ -173,7 +181,8 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
         shell_job: req.terminal,
         file_locks: req.file_locks,
         cgroups_mode: req.cgroups_mode,
-        network_lock: req.network_lock,
+        network_lock,
+        locked_netns: None,
         cgroup_path: cgroups
             .unified
             .as_ref()
@@ -182,10 +191,14 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
             .unwrap_or_default(),
     };
 
-    // To undo a network lock a dying CRIU leaves behind.
+    // The namespace to lock (and to unlock if CRIU dies with a lock in place).
     let netns_path = format!("/proc/{pid}/ns/net");
     let netns = std::fs::File::open(&netns_path)
         .map_err(|e| CheckpointError::io(id, "open network namespace", &netns_path, e))?;
+    let netns_ino = netns
+        .metadata()
+        .map_err(|e| CheckpointError::io(id, "inspect network namespace", &netns_path, e))?
+        .ino();
 
     // Freeze with our own freezer unless something holds the container frozen already.
     let snapshot = Snapshot::take(&cgroups);
@@ -205,11 +218,26 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
     }
     opts = opts.freeze_cgroup(freezer.path().to_string_lossy());
 
+    // Frozen, nothing can fill a tmpfs any more: empty ones are re-created fresh at
+    // restore instead of archived (mountinfo read again: it is final now).
+    match std::fs::read_to_string(&mountinfo_path) {
+        Ok(text) => {
+            let root = PathBuf::from(format!("/proc/{pid}/root"));
+            for m in mounts::empty_tmpfs(&parse_mountinfo(&text), &root, &record.external_mounts) {
+                debug!(destination = %m.destination, "empty tmpfs: re-created at restore");
+                opts = opts.external(m.dump_key());
+                record.external_mounts.push(m);
+            }
+        }
+        // Then CRIU archives every tmpfs, as it would anyway.
+        Err(e) => debug!("read mountinfo again: {e}"),
+    }
+
     let spawner = Arc::new(ShimSpawner::new(exits.clone()));
     let criu = Criu::with_binary(&req.criu.binary)
         .spawner(spawner.clone())
         .stderr(CriuStderr::Null);
-    let mut watch = LockWatch::default();
+    let mut watch = LockWatch::new(exits.clone(), network_lock, Some(netns));
     let result =
         match tokio::time::timeout(req.criu.timeout, criu.dump_with_notify(opts, &mut watch)).await
         {
@@ -225,6 +253,13 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
                 if let Err(e) = freezer.thaw() {
                     warn!(cgroup = %freezer.path().display(), "thaw after dump: {e}");
                 }
+            }
+            // A pod's namespace outlives the killed tree: its lock waits for the restore.
+            if watch.holds_lock() && external_net_ns {
+                record.locked_netns = Some(netns_ino);
+            } else if watch.holds_lock() {
+                // The tree's own namespace died with it; nothing is left to unlock.
+                debug!("dumped tree's own network namespace went with it, lock included");
             }
             record.save(&req.image_dir).map_err(|e| {
                 CheckpointError::io(id, "write checkpoint record in", &req.image_dir, e)
@@ -252,9 +287,7 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
         Err(source) => {
             // Leave the container as it was: CRIU may have died with its network lock in
             // place, with the cgroup frozen, or after thawing a paused one it had seized.
-            if watch.locked {
-                netlock::unlock(exits, &netns, req.network_lock).await;
-            }
+            watch.release().await;
             for p in snapshot.restore() {
                 warn!("restore freezer after failed dump: {p}");
             }

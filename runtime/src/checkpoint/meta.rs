@@ -56,6 +56,11 @@ pub struct DumpRecord {
     pub file_locks: bool,
     pub cgroups_mode: CgroupsMode,
     pub network_lock: NetworkLock,
+    /// The network namespace (its inode) the dump left locked with the runtime's lock:
+    /// the tree was killed (`exit`), its namespace belongs to someone else (a pod) and
+    /// stays, and the restore lifts the lock if it restores into that namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_netns: Option<u64>,
     /// The cgroup the init was in (relative to the hierarchy root).
     pub cgroup_path: String,
 }
@@ -135,6 +140,7 @@ impl DumpRecord {
             // runc dumps with CRIU's default (soft).
             cgroups_mode: CgroupsMode::Soft,
             network_lock: NetworkLock::Iptables,
+            locked_netns: None,
             cgroup_path: String::new(),
         }
     }

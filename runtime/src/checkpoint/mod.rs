@@ -24,14 +24,18 @@
 //! 3. **Options.** Every field of containerd's `CheckpointOptions` maps onto a CRIU
 //!    option ([`CheckpointRequest`]); a container with a terminal gets
 //!    `orphan_pts_master` so that its pty can be re-attached.
-//! 4. **Failure.** If CRIU fails, dies or outlives its time limit (it is then killed),
-//!    a network lock it left in the container's namespace is removed ([`netlock`]), the
+//! 4. **Network lock.** The runtime locks the container's network namespace itself at
+//!    CRIU's network-lock point and unlocks it at network-unlock; a dump that kills the
+//!    tree leaves it locked for the restore, which lifts it only in that namespace
+//!    ([`netlock`]).
+//! 5. **Failure.** If CRIU fails, dies or outlives its time limit (it is then killed),
+//!    a network lock left in the container's namespace is removed ([`netlock`]), the
 //!    freezer state from before the dump is put back, and the error carries CRIU's
 //!    errno, message, the error lines of its log that say why, and a copy of the log in
 //!    the bundle (containerd deletes a failed checkpoint's directory); the container
 //!    keeps running untouched. CRIU dies safely even mid-dump: its parasite code inside
 //!    a task returns the task to its own code when CRIU's socket closes.
-//! 5. **Images** are made root-only (0600 files in 0700 directories): they hold process
+//! 6. **Images** are made root-only (0600 files in 0700 directories): they hold process
 //!    memory. CRIU's timing (`stats-dump`) goes into the log line of each checkpoint
 //!    ([`stats`]).
 //!
@@ -165,8 +169,12 @@ impl CgroupsMode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkLock {
-    /// CRIU's iptables rules in the container's network namespace (its default).
+    /// The runtime's own iptables rules, taken and lifted at CRIU's network-lock and
+    /// -unlock notifications; CRIU is told to skip ([`netlock`]).
     #[default]
+    Runtime,
+    /// CRIU's iptables rules in the container's network namespace (CRIU's default, and
+    /// what runc's checkpoints use).
     Iptables,
     /// CRIU's nftables table.
     Nftables,
@@ -177,9 +185,9 @@ pub enum NetworkLock {
 impl NetworkLock {
     pub(crate) fn criu(self) -> criu_rpc::CriuNetworkLockMethod {
         match self {
+            NetworkLock::Runtime | NetworkLock::Skip => criu_rpc::CriuNetworkLockMethod::Skip,
             NetworkLock::Iptables => criu_rpc::CriuNetworkLockMethod::Iptables,
             NetworkLock::Nftables => criu_rpc::CriuNetworkLockMethod::Nftables,
-            NetworkLock::Skip => criu_rpc::CriuNetworkLockMethod::Skip,
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct MountInfo {
     pub mount_point: String,
     pub fs_type: String,
     pub source: String,
+    /// The filesystem's own options (`rw,size=65536k,mode=755`).
+    pub super_options: String,
 }
 
 /// Parses mountinfo text. Octal escapes (`\040` for a space) are decoded.
@@ -60,6 +62,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
                 mount_point: unescape(f[4]),
                 fs_type: r[0].to_string(),
                 source: unescape(r[1]),
+                super_options: r.get(2).map(|o| unescape(o)).unwrap_or_default(),
             })
         })
         .collect()
@@ -101,6 +104,69 @@ pub enum MountSource {
     Device,
     /// The container's own cgroup of this v1 controller (`""` for cgroup v2).
     Cgroup { controller: String },
+    /// A fresh tmpfs the restore mounts with the same options: the tmpfs was empty at
+    /// dump (see [`empty_tmpfs`]).
+    Tmpfs(FreshTmpfs),
+}
+
+/// How to re-create a tmpfs that was empty at dump.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreshTmpfs {
+    /// The mount's source name (`tmpfs`, `shm`).
+    pub source: String,
+    /// Its filesystem options without `rw`/`ro` (`size=65536k,mode=755`).
+    pub options: String,
+    pub read_only: bool,
+    /// Mode and owner of its root directory at dump.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl FreshTmpfs {
+    /// Mounts this tmpfs on the directory `at` (made private, so that nothing mounted or
+    /// unmounted there propagates anywhere).
+    pub fn mount(&self, at: &Path) -> std::io::Result<()> {
+        use nix::mount::{mount, MsFlags};
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // Mounted with its dump-time options (so that mountinfo reads the same), then
+        // given the root's mode and owner it had at dump (a chmod after mounting does not
+        // change the options), then made read-only. The mount's own flags (nosuid,
+        // noexec...) are CRIU's: it re-mounts its bind of this directory with the flags
+        // of the dumped mount.
+        let data = self.options.as_str();
+        mount(
+            Some(self.source.as_str()),
+            at,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some(data),
+        )?;
+        mount(
+            None::<&str>,
+            at,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )?;
+        let md = std::fs::metadata(at)?;
+        if md.mode() & 0o7777 != self.mode {
+            std::fs::set_permissions(at, std::fs::Permissions::from_mode(self.mode))?;
+        }
+        if (md.uid(), md.gid()) != (self.uid, self.gid) {
+            std::os::unix::fs::chown(at, Some(self.uid), Some(self.gid))?;
+        }
+        if self.read_only {
+            mount(
+                None::<&str>,
+                at,
+                Some("tmpfs"),
+                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                Some(data),
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// A mount declared external at dump.
@@ -222,13 +288,86 @@ pub fn spec_binds(spec: &Spec) -> Vec<ExternalMount> {
         .collect()
 }
 
+/// The tmpfs mounts of a frozen container that are empty: CRIU would archive each with a
+/// `tar` and a `gzip` process at dump and unpack it with two more at restore (about 3 ms
+/// a mount there); declared external instead, the restore mounts a fresh one
+/// ([`FreshTmpfs`]). Typical: the read-only tmpfs over masked directories, an unused
+/// `/dev/shm` or `/run`.
+///
+/// `mounts` is the container's mountinfo read while it is frozen (nothing can fill a
+/// tmpfs between the check and the dump), `root` its root as seen from here
+/// (`/proc/PID/root`), `taken` the externals already chosen. A tmpfs qualifies when it is
+/// mounted whole, exactly once, with nothing mounted below it, and holds no inode but
+/// its root and no block: an unlinked file still open, or still mapped, keeps an inode
+/// and fails the test.
+pub fn empty_tmpfs(
+    mounts: &[MountInfo],
+    root: &Path,
+    taken: &[ExternalMount],
+) -> Vec<ExternalMount> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    for m in mounts {
+        let dest = norm(&m.mount_point);
+        if m.fs_type != "tmpfs"
+            || m.root != "/"
+            || dest == "/"
+            || taken.iter().any(|t| t.destination == dest)
+            || mounts.iter().filter(|o| o.dev == m.dev).count() != 1
+            || mounts.iter().any(|o| {
+                let d = norm(&o.mount_point);
+                d != dest && d.starts_with(&dest) && d.as_bytes().get(dest.len()) == Some(&b'/')
+            })
+        {
+            continue;
+        }
+        let path = root.join(dest.trim_start_matches('/'));
+        let (Ok(md), Ok(fs)) = (
+            std::fs::symlink_metadata(&path),
+            nix::sys::statfs::statfs(&path),
+        ) else {
+            continue;
+        };
+        let dev = format!("{}:{}", libc::major(md.dev()), libc::minor(md.dev()));
+        let inodes = fs.files();
+        let empty = dev == m.dev
+            && md.is_dir()
+            && inodes > 0
+            && inodes - fs.files_free() == 1
+            && fs.blocks() == fs.blocks_free();
+        if !empty {
+            continue;
+        }
+        let opts: Vec<&str> = m.super_options.split(',').collect();
+        out.push(ExternalMount {
+            destination: dest,
+            source: MountSource::Tmpfs(FreshTmpfs {
+                source: m.source.clone(),
+                options: opts
+                    .iter()
+                    .filter(|o| !matches!(**o, "rw" | "ro" | ""))
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(","),
+                read_only: opts.contains(&"ro"),
+                mode: md.mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+            }),
+        });
+    }
+    out
+}
+
 /// The `--external mnt[KEY]:SOURCE` values of a restore: each external mount mapped to
 /// its source for the restoring container. `cgroup_dir(controller)` gives the host
-/// directory of the container's cgroup for a v1 controller (or v2 for `""`).
+/// directory of the container's cgroup for a v1 controller (or v2 for `""`);
+/// `fresh_tmpfs` the directories where the fresh tmpfs mounts were made, by destination.
 pub fn restore_externals(
     externals: &[ExternalMount],
     spec: &Spec,
     cgroup_dir: impl Fn(&str) -> Option<PathBuf>,
+    fresh_tmpfs: &HashMap<String, PathBuf>,
 ) -> Result<Vec<String>, String> {
     let binds: HashMap<String, PathBuf> = spec
         .mounts()
@@ -260,6 +399,14 @@ pub fn restore_externals(
                         e.destination, controller
                     )
                 })?,
+                MountSource::Tmpfs(_) => {
+                    fresh_tmpfs.get(&e.destination).cloned().ok_or_else(|| {
+                        format!(
+                            "mount {}: no fresh tmpfs was prepared for it",
+                            e.destination
+                        )
+                    })?
+                }
             };
             Ok(format!("mnt[{}]:{}", e.destination, src.display()))
         })
@@ -430,9 +577,12 @@ mod tests {
     #[test]
     fn maps_to_new_sources() {
         let ext = classify(&parse_mountinfo(INFO), &spec());
-        let vals = restore_externals(&ext, &spec(), |c| {
-            Some(PathBuf::from(format!("/sys/fs/cgroup/{c}/new")))
-        })
+        let vals = restore_externals(
+            &ext,
+            &spec(),
+            |c| Some(PathBuf::from(format!("/sys/fs/cgroup/{c}/new"))),
+            &HashMap::new(),
+        )
         .unwrap();
         assert_eq!(
             vals,
@@ -446,7 +596,76 @@ mod tests {
         );
         let mut other = spec();
         other.set_mounts(None);
-        assert!(restore_externals(&ext, &other, |_| None).is_err());
+        assert!(restore_externals(&ext, &other, |_| None, &HashMap::new()).is_err());
+    }
+
+    /// A real tmpfs (needs root): empty is found, a file or an unlinked open file is not;
+    /// the fresh one comes back with the same options, mode, owner and read-only flag.
+    #[test]
+    fn finds_empty_tmpfs_and_recreates_it() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to mount");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("ra-tmpfs-test-{}", std::process::id()));
+        let (dump, fresh) = (base.join("dump"), base.join("fresh"));
+        std::fs::create_dir_all(&dump).unwrap();
+        std::fs::create_dir_all(&fresh).unwrap();
+        nix::mount::mount(
+            Some("scratch"),
+            &dump,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m,mode=750"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&dump, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::os::unix::fs::chown(&dump, Some(65534), Some(65534)).unwrap();
+        let ours = |dir: &Path| -> Vec<MountInfo> {
+            let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            parse_mountinfo(&text)
+                .into_iter()
+                .filter(|m| Path::new(&m.mount_point) == dir)
+                .collect()
+        };
+        let found = empty_tmpfs(&ours(&dump), Path::new("/"), &[]);
+        let file = dump.join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let with_file = empty_tmpfs(&ours(&dump), Path::new("/"), &[]);
+        let open = std::fs::File::open(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        let with_unlinked = empty_tmpfs(&ours(&dump), Path::new("/"), &[]);
+        drop(open);
+        let again = empty_tmpfs(&ours(&dump), Path::new("/"), &[]);
+        nix::mount::umount2(&dump, nix::mount::MntFlags::MNT_DETACH).unwrap();
+
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(with_file.is_empty() && with_unlinked.is_empty());
+        assert_eq!(again, found);
+        let MountSource::Tmpfs(t) = &found[0].source else {
+            panic!("{found:?}")
+        };
+        assert_eq!((t.mode, t.uid, t.gid), (0o1777, 65534, 65534));
+        assert_eq!(t.source, "scratch");
+        assert!(!t.read_only);
+        let ro = FreshTmpfs {
+            read_only: true,
+            ..t.clone()
+        };
+        ro.mount(&fresh).unwrap();
+        let md = std::fs::metadata(&fresh).unwrap();
+        let info = ours(&fresh);
+        let write = std::fs::write(fresh.join("g"), b"x");
+        nix::mount::umount2(&fresh, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+        assert_eq!(
+            (md.mode() & 0o7777, md.uid(), md.gid()),
+            (0o1777, 65534, 65534)
+        );
+        assert_eq!(info.len(), 1);
+        assert_eq!(info[0].super_options, "ro,size=1024k,mode=750");
+        assert!(write.is_err(), "the read-only tmpfs took a write");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Create with a checkpoint: restoring a container's tree with CRIU as the init of a new
 //! container. See the module docs of [`crate::checkpoint`] for the design.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,8 +20,8 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::dump::{load_spec, rootfs_of};
 use super::meta::DumpRecord;
-use super::mounts;
-use super::netlock::{self, LockWatch};
+use super::mounts::{self, MountSource};
+use super::netlock::LockWatch;
 use super::spawner::{AfterSpawn, ShimSpawner};
 use super::stats;
 use super::{CheckpointError, CriuConfig, EXT_NET_NS_KEY, EXT_PID_NS_KEY, RESTORE_LOG};
@@ -38,6 +39,36 @@ const RESTORE_LOG_COPY: &str = "criu-restore.log";
 /// Directory in the container's state directory where a rootfs that is not a mount point
 /// is bind-mounted as CRIU's root while it restores.
 const CRIU_ROOT: &str = "criu-root";
+
+/// Directory in the container's state directory holding the fresh tmpfs mounts that
+/// replace the ones empty at dump (`mounts::FreshTmpfs`), one numbered directory each,
+/// while CRIU binds them into the container. They are detached right after.
+pub const FRESH_TMPFS: &str = "fresh-tmpfs";
+
+/// Detaches staged tmpfs mounts (the container keeps its binds of them) and removes
+/// their directories.
+fn unmount_fresh_tmpfs(dirs: Vec<PathBuf>) {
+    for dir in dirs {
+        if let Err(e) = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH) {
+            warn!(path = %dir.display(), "unmount staged tmpfs: {e}");
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
+/// Removes what a restore interrupted by the shim's death left in the state directory
+/// `dir` of a container: staged tmpfs mounts, and the directory itself when the restore
+/// never got as far as writing libcontainer's state.
+pub fn clean_leftovers(dir: &Path) {
+    let staged = dir.join(FRESH_TMPFS);
+    if let Ok(entries) = std::fs::read_dir(&staged) {
+        unmount_fresh_tmpfs(entries.flatten().map(|e| e.path()).collect());
+        let _ = std::fs::remove_dir(&staged);
+    }
+    if dir.is_dir() && !dir.join("state.json").exists() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
 
 /// A Create with a checkpoint.
 #[derive(Debug, Clone)]
@@ -66,19 +97,22 @@ pub async fn restore(
 struct Undo {
     state_dir: Option<PathBuf>,
     criu_root: Option<PathBuf>,
+    /// Fresh tmpfs mounts CRIU binds into the container (see [`FRESH_TMPFS`]).
+    fresh_tmpfs: Vec<PathBuf>,
     cgroups: Option<(Arc<AnyCgroupManager>, Option<PathBuf>)>,
     io: Option<ProcessIo>,
     restored: Option<(i32, tokio::sync::oneshot::Receiver<i32>)>,
 }
 
 impl Undo {
-    fn unmount_root(&mut self) {
+    fn unmount_staging(&mut self) {
         if let Some(root) = self.criu_root.take() {
             if let Err(e) = nix::mount::umount2(&root, nix::mount::MntFlags::MNT_DETACH) {
                 warn!(path = %root.display(), "unmount CRIU root: {e}");
             }
             let _ = std::fs::remove_dir(&root);
         }
+        unmount_fresh_tmpfs(std::mem::take(&mut self.fresh_tmpfs));
     }
 
     async fn run(mut self) {
@@ -89,7 +123,7 @@ impl Undo {
         if let Some(mut io) = self.io.take() {
             io.close();
         }
-        self.unmount_root();
+        self.unmount_staging();
         if let Some((manager, unified)) = self.cgroups.take() {
             if let Err(e) = manager.remove() {
                 warn!("remove cgroups of failed restore: {e}");
@@ -315,7 +349,25 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
             ))
         }
     };
-    for ext in mounts::restore_externals(&externals, &spec, cgroup_dir).map_err(&image_err)? {
+    // Fresh tmpfs mounts for the ones that were empty at dump.
+    let mut fresh = HashMap::new();
+    for (n, ext) in externals.iter().enumerate() {
+        let MountSource::Tmpfs(t) = &ext.source else {
+            continue;
+        };
+        let base = state_dir.join(FRESH_TMPFS);
+        let dir = base.join(n.to_string());
+        std::fs::create_dir_all(&dir).map_err(|e| CheckpointError::io(id, "create", &dir, e))?;
+        t.mount(&dir).map_err(|e| {
+            let _ = std::fs::remove_dir(&dir);
+            CheckpointError::io(id, "mount a fresh tmpfs on", &dir, e)
+        })?;
+        undo.fresh_tmpfs.push(dir.clone());
+        fresh.insert(ext.destination.clone(), dir);
+    }
+    for ext in
+        mounts::restore_externals(&externals, &spec, cgroup_dir, &fresh).map_err(&image_err)?
+    {
         opts = opts.external(ext);
     }
 
@@ -383,7 +435,16 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
     let criu = Criu::with_binary(&cfg.criu.binary)
         .spawner(spawner.clone())
         .stderr(CriuStderr::Null);
-    let mut handler = LockWatch::default();
+    // The dump may have left this namespace locked for us (the runtime's lock); CRIU's
+    // own lock, if the checkpoint used it, is CRIU's to lift.
+    let inherited_lock = match (&external_netns, record.locked_netns) {
+        (Some(ns), Some(locked)) => ns.metadata().map(|m| m.ino() == locked).unwrap_or(false),
+        _ => false,
+    };
+    let mut handler = LockWatch::new(exits.clone(), record.network_lock, external_netns);
+    if inherited_lock {
+        handler = handler.inherit_lock();
+    }
     let criu_started = Instant::now();
     let result = match tokio::time::timeout(
         cfg.criu.timeout,
@@ -401,9 +462,7 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         Ok(o) => o,
         Err(source) => {
             // A restore into an existing (pod) network namespace must not leave it locked.
-            if let (true, Some(ns)) = (handler.locked, &external_netns) {
-                netlock::unlock(exits, ns, record.network_lock).await;
-            }
+            handler.release().await;
             return Err(CheckpointError::criu(
                 id,
                 "restore",
@@ -417,7 +476,7 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
     // Our child now (rst_sibling); its exit may already be buffered by the watcher.
     let exited = exits.register(pid);
     undo.restored = Some((pid, exited));
-    undo.unmount_root();
+    undo.unmount_staging();
 
     if let Some(master) = handler.pts_master.take() {
         let sock = console_socket.clone().ok_or_else(|| {
