@@ -9,14 +9,16 @@
 //!   wait and delete work on the restored task); a TCP server in a pod-style network
 //!   namespace that serves again; a process tree joined by a pipe and a unix socket
 //!   pair; tmpfs and bind mounts; tmpfs mounts that come back exactly as they were
-//!   (options, modes, owners, read-only), empty or not; a paused container (`ctr t checkpoint` too); a terminal;
+//!   (options, modes, owners, read-only), empty or not; a container in a pod's pid
+//!   namespace (joined by path) restored into it; a paused container (`ctr t checkpoint` too); a terminal;
 //!   a checkpoint restored twice into fresh containers;
 //! - straight to the shim's task API (what ctr cannot ask for: ctr passes checkpoint
 //!   options only to runtimes named `io.containerd.runc.v1/v2`, so `ctr t checkpoint
 //!   --exit` is a plain checkpoint for any other runtime name): an established TCP
 //!   connection kept with `open_tcp` across a dump with `exit` and a restore, the
 //!   network lock a dump with `exit` leaves in a pod's namespace until the restore, and
-//!   the dump of a paused task restored;
+//!   the dump of a paused task restored; a checkpoint made by the stock shim restored
+//!   under runc-architect;
 //! - failures: CRIU missing, CRIU killed mid-dump, a resource CRIU cannot dump. Each
 //!   leaves the container running, untouched, and the error names CRIU's reason.
 //!
@@ -642,33 +644,8 @@ impl Direct {
     }
 
     /// Task.Checkpoint into `images` with `opts` (its image and work paths are set here).
-    fn checkpoint(&self, images: &Path, mut opts: CheckpointOptions) -> Result<()> {
-        opts.work_path = self.dir.join("work").display().to_string();
-        let any = Any {
-            type_url: "containerd.runc.v1.CheckpointOptions".into(),
-            value: opts.write_to_bytes()?,
-            ..Default::default()
-        };
-        let req = api::CheckpointTaskRequest {
-            id: self.id.clone(),
-            path: images.display().to_string(),
-            options: MessageField::some(any),
-            ..Default::default()
-        };
-        self.shim
-            .call::<_, Empty>("Checkpoint", &req)
-            .map_err(|e| {
-                let log = std::fs::read_to_string(self.dir.join("work").join("dump.log"))
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                anyhow::anyhow!(
-                    "Checkpoint: {e}; shim log:\n{}\n--- CRIU's dump.log (tail) ---\n{}",
-                    self.shim.log(),
-                    tail.join("\n")
-                )
-            })?;
-        Ok(())
+    fn checkpoint(&self, images: &Path, opts: CheckpointOptions) -> Result<()> {
+        checkpoint_task(&self.shim, &self.id, images, &self.dir.join("work"), opts)
     }
 
     /// Deletes the (stopped) container and creates it again from `images`, then starts it.
@@ -697,17 +674,207 @@ impl Direct {
     /// The number in `file` of the container (read in the bundle's rootfs, which the
     /// container uses as it is).
     fn number(&self, file: &str) -> Result<u64> {
-        let path = self
-            .bundle
-            .join("rootfs")
-            .join(file.trim_start_matches('/'));
-        // The shell rewrites the file (truncate, then write): retry an empty read.
-        try_wait_for(&format!("a number in {}", path.display()), WAIT, || {
-            let s = std::fs::read_to_string(&path)
-                .with_context(|| format!("read {}", path.display()))?;
-            Ok(s.trim().parse().ok())
-        })
+        rootfs_number(&self.bundle, file)
     }
+}
+
+/// Task.Checkpoint of `id` through `shim` into `images`, CRIU working in `work`.
+fn checkpoint_task(
+    shim: &ShimProcess,
+    id: &str,
+    images: &Path,
+    work: &Path,
+    mut opts: CheckpointOptions,
+) -> Result<()> {
+    opts.work_path = work.display().to_string();
+    let any = Any {
+        type_url: "containerd.runc.v1.CheckpointOptions".into(),
+        value: opts.write_to_bytes()?,
+        ..Default::default()
+    };
+    let req = api::CheckpointTaskRequest {
+        id: id.to_string(),
+        path: images.display().to_string(),
+        options: MessageField::some(any),
+        ..Default::default()
+    };
+    shim.call::<_, Empty>("Checkpoint", &req).map_err(|e| {
+        let log = std::fs::read_to_string(work.join("dump.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        anyhow::anyhow!(
+            "Checkpoint: {e}; shim log:\n{}\n--- CRIU's dump.log (tail) ---\n{}",
+            shim.log(),
+            tail.join("\n")
+        )
+    })?;
+    Ok(())
+}
+
+/// The number in `file` of a container whose rootfs is the bundle directory's `rootfs`.
+fn rootfs_number(bundle: &Path, file: &str) -> Result<u64> {
+    let path = bundle.join("rootfs").join(file.trim_start_matches('/'));
+    // The shell rewrites the file (truncate, then write): retry an empty read, and a
+    // missing file (a restored task writes into a new rootfs at its next step).
+    try_wait_for(
+        &format!("a number in {}", path.display()),
+        WAIT,
+        || match std::fs::read_to_string(&path) {
+            Ok(s) => Ok(s.trim().parse().ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("read {}", path.display()))),
+        },
+    )
+}
+
+/// A checkpoint the stock shim made (runc, its `descriptors.json`, CRIU's defaults)
+/// restores under runc-architect: a node can switch runtimes between the two.
+fn stock_checkpoint_restores(cx: &Ctx) -> Result<()> {
+    if cx.env.runtime != ARCHITECT_RUNTIME {
+        return Ok(());
+    }
+    let id = cx.id("");
+    let dir = cx.env.containerd.scratch_dir(&id)?;
+    let mut spec = runc_architect_tests::spec::default_spec(
+        "rootfs",
+        &["sh", "-c", COUNTER],
+        &format!("/{}/{id}", cx.env.namespace),
+    );
+    // As in every Kubernetes container: runc binds the host's cgroup hierarchies in.
+    if let Some(mounts) = spec["mounts"].as_array_mut() {
+        mounts.push(serde_json::json!({
+            "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+            "options": ["ro", "nosuid", "noexec", "nodev"]
+        }));
+    }
+    let stock_bundle = dir.join("stock");
+    write_bundle(&stock_bundle, &spec, Some(&cx.env.builder))?;
+    let stock_binary = cx
+        .env
+        .containerd
+        .version()
+        .bin_dir()
+        .join(runc_architect_tests::paths::STOCK_SHIM_NAME);
+    let mut stock = ShimProcess::launch(
+        &stock_binary,
+        &cx.env.containerd,
+        &cx.env.namespace,
+        &id,
+        &stock_bundle,
+    )?;
+    stock.run(&id, &stock_bundle)?;
+    wait_for("the counter under the stock shim", WAIT, || {
+        rootfs_number(&stock_bundle, "/tmp/count")
+            .ok()
+            .filter(|n| *n >= 3)
+    })?;
+    let images = dir.join("images");
+    checkpoint_task(
+        &stock,
+        &id,
+        &images,
+        &dir.join("work"),
+        CheckpointOptions {
+            exit: true,
+            ..Default::default()
+        },
+    )?;
+    stock
+        .wait(&id, "")
+        .map_err(|e| anyhow::anyhow!("Wait (stock): {e}"))?;
+    let dumped = rootfs_number(&stock_bundle, "/tmp/count")?;
+    stock.remove(&id);
+    drop(stock);
+
+    let bundle = dir.join("architect");
+    write_bundle(&bundle, &spec, Some(&cx.env.builder))?;
+    let binary = cx.env.containerd.architect_shim().to_path_buf();
+    let mut shim =
+        ShimProcess::launch(&binary, &cx.env.containerd, &cx.env.namespace, &id, &bundle)?;
+    let req = api::CreateTaskRequest {
+        id: id.clone(),
+        bundle: bundle.display().to_string(),
+        checkpoint: images.display().to_string(),
+        ..Default::default()
+    };
+    shim.create_req(req).map_err(|e| {
+        anyhow::anyhow!(
+            "Create from the stock shim's checkpoint: {e}; shim log:\n{}",
+            shim.log()
+        )
+    })?;
+    shim.start(&id, "").context("Start of the restored task")?;
+    // The restored shell counts on from its dumped value, now into the new rootfs.
+    let n = rootfs_number(&bundle, "/tmp/count")?;
+    ensure!(
+        n >= dumped && n < dumped + 20,
+        "restored counter at {n}, dumped at {dumped}"
+    );
+    wait_for("the restored counter", WAIT, || {
+        rootfs_number(&bundle, "/tmp/count")
+            .ok()
+            .filter(|m| *m >= n + 3)
+    })?;
+    shim.check_serves(&id, "probe")?;
+    shim.remove(&id);
+    Ok(())
+}
+
+/// A container that joined another's pid namespace by path (a pod sharing one process
+/// namespace, with a pause process as its init) is dumped with that namespace external
+/// and restored into it: the same pids there, the pod's processes still in sight.
+fn pid_namespace_of_a_pod(cx: &Ctx) -> Result<()> {
+    let pod = cx.id("-pod");
+    cx.run_detached(&pod, &[], &["/bin/ckload", "pause"])?;
+    let pod_pid = cx.ctr.task_pid(&pod)?;
+    let pod_ns = std::fs::read_link(format!("/proc/{pod_pid}/ns/pid"))?;
+    let id = cx.id("");
+    let image = cx.image_ref("");
+    let with_ns = format!("pid:/proc/{pod_pid}/ns/pid");
+    let script = format!("echo $$ > /tmp/pid; {COUNTER}");
+    cx.run_detached(&id, &["--with-ns", &with_ns], &["sh", "-c", &script])?;
+    let at = cx.wait_number(&id, "/tmp/count", 3)?;
+    let ns_pid = cx.number(&id, "/tmp/pid")?;
+    ensure!(
+        ns_pid > 1,
+        "the container's init is pid {ns_pid} in the pod's namespace"
+    );
+    cx.checkpoint(&id, &image)?;
+    cx.remove(&id)?;
+    cx.restore(&id, &image)?;
+    let host_pid = cx.ctr.task_pid(&id)?;
+    let ns = std::fs::read_link(format!("/proc/{host_pid}/ns/pid"))?;
+    ensure!(
+        ns == pod_ns,
+        "restored into {}, not the pod's {}",
+        ns.display(),
+        pod_ns.display()
+    );
+    // "NSpid:\tHOST\tIN-NAMESPACE".
+    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status"))?;
+    let nspid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|p| p.parse::<u64>().ok());
+    ensure!(
+        nspid == Some(ns_pid),
+        "restored init is {nspid:?} in the pod's namespace, was {ns_pid}"
+    );
+    let ps = cx.exec(&id, &["ps", "-o", "pid,args"])?;
+    ensure!(
+        ps.lines()
+            .any(|l| l.trim_start().starts_with("1 ") && l.contains("ckload pause")),
+        "the pod's init is not in sight after restore:\n{ps}"
+    );
+    let n = cx.number(&id, "/tmp/count")?;
+    ensure!(
+        n >= at,
+        "restored counter at {n}, below the checkpointed {at}"
+    );
+    cx.wait_number(&id, "/tmp/count", n + 3)?;
+    cx.remove(&id)?;
+    cx.remove(&pod)
 }
 
 /// An established TCP connection survives a dump with `open_tcp` and `exit` and a
@@ -1106,6 +1273,8 @@ fn scenarios() -> Vec<Scenario> {
         ("established_tcp_open_tcp", established_tcp_open_tcp),
         ("paused_dump_restores", paused_dump_restores),
         ("network_lock_until_restore", network_lock_until_restore),
+        ("stock_checkpoint_restores", stock_checkpoint_restores),
+        ("pid_namespace_of_a_pod", pid_namespace_of_a_pod),
         ("file_locks", file_locks),
         ("criu_missing", criu_missing),
         ("criu_killed_mid_dump", criu_killed_mid_dump),

@@ -26,6 +26,10 @@
  *   ckload perf FILE
  *       Holds a perf event descriptor (which CRIU cannot dump) and writes a counter into
  *       FILE every 100 ms.
+ *
+ *   ckload pause
+ *       What a pod's pause container does as the init of a shared pid namespace: sleeps,
+ *       and reaps every child that is re-parented to it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -240,6 +244,26 @@ _Noreturn static void perf(const char *path)
 	}
 }
 
+static void on_child(int sig)
+{
+	(void)sig;
+}
+
+static void pause_and_reap(void)
+{
+	sigset_t chld, none;
+	sigemptyset(&chld);
+	sigaddset(&chld, SIGCHLD);
+	sigemptyset(&none);
+	sigprocmask(SIG_BLOCK, &chld, NULL);
+	signal(SIGCHLD, on_child);
+	for (;;) {
+		while (waitpid(-1, NULL, WNOHANG) > 0)
+			;
+		sigsuspend(&none);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -253,6 +277,8 @@ int main(int argc, char **argv)
 		lock(argv[2]);
 	if (argc == 3 && !strcmp(argv[1], "perf"))
 		perf(argv[2]);
-	fprintf(stderr, "usage: ckload tree STATEFILE | heap MIB PORT | echo PORT | lock FILE | perf FILE\n");
+	if (argc == 2 && !strcmp(argv[1], "pause"))
+		pause_and_reap();
+	fprintf(stderr, "usage: ckload tree STATEFILE | heap MIB PORT | echo PORT | lock FILE | perf FILE | pause\n");
 	return 2;
 }

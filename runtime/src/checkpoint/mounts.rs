@@ -274,18 +274,45 @@ pub fn classify(mounts: &[MountInfo], spec: &Spec) -> Vec<ExternalMount> {
     out
 }
 
-/// The external mounts runc declares for a spec (every bind mount): used for a
-/// checkpoint that did not record its own.
-pub fn spec_binds(spec: &Spec) -> Vec<ExternalMount> {
-    spec.mounts()
+/// The external mounts runc declares when it dumps a container of `spec`, for a
+/// checkpoint that did not record its own (runc's, the stock shim's). `host_mounts` is
+/// the host's mountinfo (for its cgroup v1 hierarchies).
+///
+/// - every bind mount, keyed by its destination;
+/// - masked paths that are files: runc keys them all `/dev/null` at dump;
+/// - with a `cgroup` mount on a host without a unified hierarchy at `/sys/fs/cgroup`,
+///   runc binds each v1 hierarchy of the host's, keyed by its destination
+///   (`/sys/fs/cgroup/cpu,cpuacct`).
+pub fn runc_externals(spec: &Spec, host_mounts: &[MountInfo]) -> Vec<ExternalMount> {
+    let mounts: Vec<&oci_spec::runtime::Mount> = spec.mounts().iter().flatten().collect();
+    let mut out: Vec<ExternalMount> = mounts
         .iter()
-        .flatten()
         .filter(|m| is_bind(m))
         .map(|m| ExternalMount {
             destination: norm(&m.destination().to_string_lossy()),
             source: MountSource::Spec,
         })
-        .collect()
+        .collect();
+    out.push(ExternalMount {
+        destination: "/dev/null".into(),
+        source: MountSource::DevNull,
+    });
+    let cgroup_v2_root = host_mounts
+        .iter()
+        .any(|m| m.mount_point == "/sys/fs/cgroup" && m.fs_type == "cgroup2");
+    if mounts.iter().any(|m| m.typ().as_deref() == Some("cgroup")) && !cgroup_v2_root {
+        for h in host_mounts.iter().filter(|m| m.fs_type == "cgroup") {
+            if let Some(name) = h.mount_point.strip_prefix("/sys/fs/cgroup/") {
+                out.push(ExternalMount {
+                    destination: h.mount_point.clone(),
+                    source: MountSource::Cgroup {
+                        controller: name.to_string(),
+                    },
+                });
+            }
+        }
+    }
+    out
 }
 
 /// The tmpfs mounts of a frozen container that are empty: CRIU would archive each with a
@@ -572,6 +599,45 @@ mod tests {
             ]
         );
         assert_eq!(ext[0].dump_key(), "mnt[/data]:/data");
+    }
+
+    #[test]
+    fn infers_runc_externals() {
+        let host = parse_mountinfo(
+            "30 1 0:26 / /sys/fs/cgroup ro - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+32 30 0:28 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+33 30 0:29 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+",
+        );
+        let mut with_cgroup = spec();
+        let mut mounts = with_cgroup.mounts().clone().unwrap_or_default();
+        mounts.push(
+            serde_json::from_value(serde_json::json!(
+                {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}
+            ))
+            .unwrap(),
+        );
+        with_cgroup.set_mounts(Some(mounts));
+        let dests = |ext: Vec<ExternalMount>| -> Vec<String> {
+            ext.into_iter().map(|e| e.destination).collect()
+        };
+        assert_eq!(
+            dests(runc_externals(&spec(), &host)),
+            ["/data", "/with space", "/dev/null"]
+        );
+        assert_eq!(
+            dests(runc_externals(&with_cgroup, &host)),
+            [
+                "/data",
+                "/with space",
+                "/dev/null",
+                "/sys/fs/cgroup/memory",
+                "/sys/fs/cgroup/cpu,cpuacct"
+            ]
+        );
+        let v2 = parse_mountinfo("30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        assert_eq!(dests(runc_externals(&with_cgroup, &v2)).len(), 3);
     }
 
     #[test]

@@ -335,7 +335,9 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
     }
 
     let externals = if record.is_inferred() {
-        mounts::spec_binds(&spec)
+        let host = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| CheckpointError::io(id, "read", "/proc/self/mountinfo", e))?;
+        mounts::runc_externals(&spec, &mounts::parse_mountinfo(&host))
     } else {
         record.external_mounts.clone()
     };
