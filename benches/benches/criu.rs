@@ -14,6 +14,9 @@
 //!   it CRIU's own phases from its `stats-restore` image (forking, restore); the stock
 //!   path's CRIU phases from the `stats-restore` runc's CRIU leaves in the shim's work
 //!   directory;
+//! - where runc-architect's checkpoint time goes: how long CRIU kept the tree frozen, and
+//!   inside that drawing memory out of it and writing it (runc's CRIU leaves its
+//!   `stats-dump` in the image directory, which containerd packs and deletes);
 //! - restore throughput for the heaps (MiB restored / CRIU restore time, and end to end).
 //!
 //! Every figure is a median over the rounds; runtimes alternate within a round so drift on
@@ -22,7 +25,8 @@
 //! `cargo bench -p runc-architect-benches --bench criu` (uses
 //! `target/release/containerd-shim-runc-architect-v1`, or `RA_SHIM_BINARY`). Environment:
 //! `RA_BENCH_ROUNDS` (default 7; the 1 GiB case runs at most 3), `RA_ONLY_CONTAINERD=1.7|2.1`
-//! (default 1.7).
+//! (default 1.7), `RA_BENCH_ONLY=NAME` (only the workloads whose name contains NAME:
+//! `tcp-server`, `heap-256m`, `heap-1g`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -57,6 +61,9 @@ struct Sample {
     shim: Option<ShimRestore>,
     /// CRIU's restore phases (from `stats-restore`), when found.
     criu: Option<stats::RestorePhases>,
+    /// runc-architect's CRIU dump phases (from its `checkpointed` log line, which carries
+    /// CRIU's `stats-dump`).
+    dump: Option<stats::DumpPhases>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -123,8 +130,9 @@ fn main() -> Result<()> {
         },
     ];
 
+    let only = std::env::var("RA_BENCH_ONLY").unwrap_or_default();
     let mut lines = Vec::new();
-    for w in &workloads {
+    for w in workloads.iter().filter(|w| w.name.contains(only.as_str())) {
         // Warm-up: page cache, shim binaries, the image's snapshot.
         for rt in Runtime::ALL {
             cycle(&containerd, &ctr, &ns, rt, w, "warmup")?;
@@ -183,6 +191,10 @@ fn cycle(
     let t = Instant::now();
     ctr.ok(&["containers", "checkpoint", "--task", "--rw", &id, &image])?;
     let checkpoint = t.elapsed();
+    let dump = match rt {
+        Runtime::Stock => None,
+        Runtime::Architect => shim_dump(containerd, &id),
+    };
     remove(ctr, &id)?;
 
     let tmp = containerd.dir().join("tmp");
@@ -258,6 +270,7 @@ fn cycle(
         first_answer,
         shim,
         criu,
+        dump,
     })
 }
 
@@ -302,22 +315,60 @@ fn checkpoint_dirs(tmp: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The shim's account of restoring `id`, from its `restored` line in containerd's log.
-fn shim_restore(containerd: &Containerd, id: &str) -> Option<ShimRestore> {
+/// The numeric fields of the last line of containerd's log (the shim's log goes there)
+/// that holds both `span` and `message`.
+fn shim_log_fields(
+    containerd: &Containerd,
+    span: &str,
+    message: &str,
+) -> Option<Vec<(String, f64)>> {
     let log = std::fs::read_to_string(containerd.dir().join("containerd.log")).ok()?;
-    let needle = format!("restore{{container={id}}}");
     let line = log
         .lines()
         .rev()
-        .find(|l| l.contains(&needle) && l.contains(" restored pid="))?;
-    let field = |name: &str| -> Option<f64> {
-        let at = line.find(&format!(" {name}="))? + name.len() + 2;
-        line[at..].split_whitespace().next()?.parse().ok()
-    };
+        .find(|l| l.contains(span) && l.contains(message))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+fn field(fields: &[(String, f64)], name: &str) -> Option<f64> {
+    fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+}
+
+/// The shim's account of restoring `id`, from its `restored` line.
+fn shim_restore(containerd: &Containerd, id: &str) -> Option<ShimRestore> {
+    let f = shim_log_fields(
+        containerd,
+        &format!("restore{{container={id}}}"),
+        " restored pid=",
+    )?;
     Some(ShimRestore {
-        prepare_ms: field("prepare_ms")?,
-        criu_ms: field("criu_ms")?,
-        total_ms: field("total_ms")?,
+        prepare_ms: field(&f, "prepare_ms")?,
+        criu_ms: field(&f, "criu_ms")?,
+        total_ms: field(&f, "total_ms")?,
+    })
+}
+
+/// CRIU's dump phases of checkpointing `id`, from the shim's `checkpointed` line.
+fn shim_dump(containerd: &Containerd, id: &str) -> Option<stats::DumpPhases> {
+    let f = shim_log_fields(
+        containerd,
+        &format!("checkpoint{{container={id}}}"),
+        " checkpointed",
+    )?;
+    let d = |name: &str| field(&f, name).map(|ms| Duration::from_secs_f64(ms / 1e3));
+    Some(stats::DumpPhases {
+        freezing: Duration::ZERO,
+        frozen: d("criu_frozen_ms")?,
+        memdump: d("criu_memdump_ms")?,
+        memwrite: d("criu_memwrite_ms")?,
+        pages_written: field(&f, "pages_written")? as u64,
     })
 }
 
@@ -345,6 +396,16 @@ fn report(w: &Workload, samples: &[Vec<Sample>; 2], lines: &mut Vec<String>) {
     lines.push(row("ctr c checkpoint --task --rw", &|s| {
         Some(ms(s.checkpoint))
     }));
+    // runc's CRIU writes stats-dump into the image directory, which containerd packs into
+    // the checkpoint and deletes: only runc-architect's dump phases are at hand.
+    lines.push(format!(
+        "{:<10} architect checkpoint breakdown (medians): tree frozen {:.1} ms, of which \
+         CRIU drawing memory {:.1} ms and writing it {:.1} ms",
+        w.name,
+        med(1, &|s| s.dump.map(|d| ms(d.frozen))),
+        med(1, &|s| s.dump.map(|d| ms(d.memdump))),
+        med(1, &|s| s.dump.map(|d| ms(d.memwrite))),
+    ));
     lines.push(row("ctr c restore --live --rw", &|s| Some(ms(s.restore))));
     lines.push(row("restore to first answer", &|s| {
         Some(ms(s.first_answer))
