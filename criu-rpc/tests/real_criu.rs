@@ -271,7 +271,7 @@ async fn dump_kill_then_restore_continues_with_notifications() {
     let pid = c.pid;
     let key = c.stdout_key();
     assert!(key.starts_with("pipe:["), "{key}");
-    c.read_until(10);
+    let seen = c.read_until(10);
 
     // Dump, killing the tree (leave_running = false), with a stateful handler.
     let mut dump_events = Recorder::default();
@@ -299,7 +299,8 @@ async fn dump_kill_then_restore_continues_with_notifications() {
         Some(libc::SIGKILL),
         "CRIU kills a dumped tree without leave_running: {status:?}"
     );
-    let mut last = 0;
+    // The dump may come before the counter printed anything more.
+    let mut last = seen;
     let mut line = String::new();
     while c.out.read_line(&mut line).expect("drain") > 0 {
         last = line.trim().parse().expect("a number");

@@ -255,11 +255,9 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
                 }
             }
             // A pod's namespace outlives the killed tree: its lock waits for the restore.
+            // (The tree's own namespace went with the tree, lock included.)
             if watch.holds_lock() && external_net_ns {
                 record.locked_netns = Some(netns_ino);
-            } else if watch.holds_lock() {
-                // The tree's own namespace died with it; nothing is left to unlock.
-                debug!("dumped tree's own network namespace went with it, lock included");
             }
             record.save(&req.image_dir).map_err(|e| {
                 CheckpointError::io(id, "write checkpoint record in", &req.image_dir, e)

@@ -15,6 +15,13 @@
 //!   host, a cgroup v1 controller bound from the host: external with a fixed source;
 //! - anything else (fresh mounts, binds of those): CRIU's.
 //!
+//! Once the container is frozen, tmpfs mounts that are empty ([`empty_tmpfs`]) are added
+//! as external too: the restore mounts a fresh tmpfs with the same options for each
+//! ([`FreshTmpfs`]) rather than CRIU archiving and unpacking nothing.
+//!
+//! A checkpoint runc made did not record its externals: [`runc_externals`] infers the ones
+//! runc declares from the restoring spec.
+//!
 //! At restore, [`ensure_mountpoints`] creates mount points missing from the rootfs (a
 //! restore into a fresh rootfs), without following symlinks out of it.
 
