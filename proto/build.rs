@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         root.join("containerd/runc_options.proto"),
         root.join("criu/rpc.proto"),
         root.join("criu/stats.proto"),
+        root.join("criu/pagemap.proto"),
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

@@ -8,7 +8,8 @@
 //!   `CheckpointOptions`, `ProcessDetails`).
 //! - [`criu`]: CRIU's RPC protocol (`criu swrk` / `criu service`), proto2 like CRIU's
 //!   own schema so that field presence matches what protobuf-c expects, plus CRIU's
-//!   statistics images (`stats-dump`, `stats-restore`: [`criu::StatsEntry`]).
+//!   statistics images (`stats-dump`, `stats-restore`: [`criu::StatsEntry`]) and pagemap
+//!   images ([`criu::PagemapEntry`]).
 
 /// containerd's `runtimeoptions.v1` messages: the options CRI and `ctr` hand to a
 /// runtime that is not `io.containerd.runc.v2`.

@@ -21,7 +21,8 @@
 //!   the dump of a paused task restored; a checkpoint made by the stock shim restored
 //!   under runc-architect;
 //! - failures: CRIU missing, CRIU killed mid-dump, a resource CRIU cannot dump. Each
-//!   leaves the container running, untouched, and the error names CRIU's reason.
+//!   leaves the container running, untouched, and the error names CRIU's reason. A
+//!   damaged checkpoint fails to restore with CRIU's reason and leaves nothing behind.
 //!
 //! The runtime under test is runc-architect (`$RA_SHIM_BINARY`, or the workspace build);
 //! `RA_CKPT_RUNTIME=io.containerd.runc.v2` runs the ctr scenarios against the stock shim
@@ -698,13 +699,7 @@ impl Direct {
         self.shim
             .delete(&self.id, "")
             .context("delete the dumped container")?;
-        let req = api::CreateTaskRequest {
-            id: self.id.clone(),
-            bundle: self.bundle.display().to_string(),
-            checkpoint: images.display().to_string(),
-            ..Default::default()
-        };
-        self.shim.create_req(req).map_err(|e| {
+        self.create_from(images).map_err(|e| {
             anyhow::anyhow!(
                 "Create from checkpoint: {e}; shim log:\n{}",
                 self.shim.log()
@@ -714,6 +709,20 @@ impl Direct {
             .start(&self.id, "")
             .context("Start of the restored task")?;
         Ok(())
+    }
+
+    /// Task.Create of the container from the checkpoint `images`.
+    fn create_from(
+        &mut self,
+        images: &Path,
+    ) -> runc_architect_tests::shim::RpcResult<api::CreateTaskResponse> {
+        let req = api::CreateTaskRequest {
+            id: self.id.clone(),
+            bundle: self.bundle.display().to_string(),
+            checkpoint: images.display().to_string(),
+            ..Default::default()
+        };
+        self.shim.create_req(req)
     }
 
     /// The number in `file` of the container (read in the bundle's rootfs, which the
@@ -1126,6 +1135,133 @@ fn paused_dump_restores(cx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// A restore from a damaged checkpoint fails with the reason and leaves nothing behind:
+/// no task, no libcontainer state, no cgroups, no staged mounts, and no network lock in
+/// the pod's namespace (the dump left one there for the restore). Two damages: an
+/// inventory CRIU cannot parse (CRIU's reason reaches the caller) and a truncated pages
+/// file (found before CRIU runs: CRIU 4.2 would spin forever on it). The intact copy then
+/// restores into the same container.
+fn damaged_checkpoint_fails_cleanly(cx: &Ctx) -> Result<()> {
+    if cx.env.runtime != ARCHITECT_RUNTIME {
+        return Ok(());
+    }
+    let ns = NetNs::create()?;
+    let clean_rules = ns.filter_rules()?;
+    let mut d = Direct::run(cx, &["/bin/ckload", "echo", "7575"], Some(&ns))?;
+    let addr = ns.addr(7575);
+    ckpt::wait_answer(addr, Some("probe"), WAIT)?;
+    let images = d.dir.join("images");
+    d.checkpoint(
+        &images,
+        CheckpointOptions {
+            exit: true,
+            ..Default::default()
+        },
+    )?;
+    d.shim.wait(&d.id, "").context("wait for the dumped init")?;
+    d.shim
+        .delete(&d.id, "")
+        .context("delete the dumped container")?;
+    ensure!(
+        ns.filter_rules()? != clean_rules,
+        "the dump with exit left no lock to lift"
+    );
+    let state_dir = PathBuf::from("/run/containerd/runc-architect")
+        .join(&cx.env.namespace)
+        .join(&d.id);
+    let memory_cgroup = PathBuf::from("/sys/fs/cgroup/memory")
+        .join(&cx.env.namespace)
+        .join(&d.id);
+
+    // What is damaged, how, and what the error must name.
+    type Damage = (&'static str, fn(&Path) -> Result<()>, &'static str);
+    let damages: [Damage; 2] = [
+        (
+            "unparsable inventory",
+            |dir| {
+                std::fs::write(dir.join("inventory.img"), b"not a CRIU image")?;
+                Ok(())
+            },
+            "CRIU",
+        ),
+        (
+            "truncated pages",
+            |dir| {
+                for e in std::fs::read_dir(dir)? {
+                    let path = e?.path();
+                    let name = path.file_name().unwrap_or_default().to_string_lossy();
+                    if name.starts_with("pages-") {
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&path)?
+                            .set_len(100)?;
+                    }
+                }
+                Ok(())
+            },
+            "cut short",
+        ),
+    ];
+    for (what, damage, reason) in damages {
+        let copy = d.dir.join(format!("damaged-{}", what.replace(' ', "-")));
+        copy_dir(&images, &copy)?;
+        damage(&copy)?;
+        let err = match d.create_from(&copy) {
+            Ok(_) => anyhow::bail!("{what}: the restore succeeded"),
+            Err(e) => e.to_string(),
+        };
+        ensure!(
+            err.contains(reason),
+            "{what}: the error does not say why ({reason}): {err}"
+        );
+        ensure!(
+            d.shim.state(&d.id, "").is_err(),
+            "{what}: a task exists after the failed restore"
+        );
+        ensure!(
+            !state_dir.exists(),
+            "{what}: {} is left behind",
+            state_dir.display()
+        );
+        ensure!(
+            !memory_cgroup.exists(),
+            "{what}: {} is left behind",
+            memory_cgroup.display()
+        );
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        ensure!(
+            !mounts.contains(&state_dir.display().to_string()),
+            "{what}: mounts are left behind:\n{mounts}"
+        );
+        let rules = ns.filter_rules()?;
+        ensure!(
+            rules == clean_rules,
+            "{what}: the failed restore left the network locked:\n{rules}"
+        );
+    }
+    d.create_from(&images)
+        .map_err(|e| anyhow::anyhow!("Create from the intact checkpoint: {e}"))?;
+    d.shim
+        .start(&d.id, "")
+        .context("Start of the restored task")?;
+    let (a, _) = ckpt::wait_answer(addr, Some("again"), WAIT)?;
+    ensure!(a.ends_with(" again"), "restored server answered {a:?}");
+    d.shim.remove(&d.id);
+    Ok(())
+}
+
+/// Copies the files of `from` into a new directory `to` (images are flat).
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Directories 0700 and files 0600, all the way down.
 fn check_private(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -1325,6 +1461,10 @@ fn scenarios() -> Vec<Scenario> {
         ("criu_missing", criu_missing),
         ("criu_killed_mid_dump", criu_killed_mid_dump),
         ("undumpable_resource", undumpable_resource),
+        (
+            "damaged_checkpoint_fails_cleanly",
+            damaged_checkpoint_fails_cleanly,
+        ),
     ]
 }
 

@@ -81,6 +81,7 @@
 
 pub mod dump;
 pub mod freezer;
+pub mod images;
 pub mod meta;
 pub mod mounts;
 pub mod netlock;

@@ -19,6 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::dump::{load_spec, rootfs_of};
+use super::images;
 use super::meta::DumpRecord;
 use super::mounts::{self, MountSource};
 use super::netlock::LockWatch;
@@ -57,9 +58,14 @@ fn unmount_fresh_tmpfs(dirs: Vec<PathBuf>) {
 }
 
 /// Removes what a restore interrupted by the shim's death left in the state directory
-/// `dir` of a container: staged tmpfs mounts, and the directory itself when the restore
-/// never got as far as writing libcontainer's state.
+/// `dir` of a container: CRIU's root and staged tmpfs mounts, and the directory itself
+/// when the restore never got as far as writing libcontainer's state.
 pub fn clean_leftovers(dir: &Path) {
+    let root = dir.join(CRIU_ROOT);
+    if root.exists() {
+        let _ = nix::mount::umount2(&root, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&root);
+    }
     let staged = dir.join(FRESH_TMPFS);
     if let Ok(entries) = std::fs::read_dir(&staged) {
         unmount_fresh_tmpfs(entries.flatten().map(|e| e.path()).collect());
@@ -198,6 +204,8 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
                     .into(),
             )
         })?;
+    // CRIU would spin forever on a pages file that is cut short.
+    images::check_pages(&cfg.image_dir).map_err(&image_err)?;
     let work_dir = cfg
         .work_dir
         .clone()
