@@ -187,6 +187,8 @@ fn cycle(
     run.extend(w.args.iter().map(String::as_str));
     ctr.ok(&run)?;
     let (before, _) = ckpt::wait_answer(addr, Some("hello"), Duration::from_secs(120))?;
+    // The server's child for that connection must be gone before the dump.
+    ctr.wait_alone(&id, Duration::from_secs(60))?;
 
     let t = Instant::now();
     ctr.ok(&["containers", "checkpoint", "--task", "--rw", &id, &image])?;

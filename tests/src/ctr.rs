@@ -174,6 +174,25 @@ impl Ctr {
             .with_context(|| format!("task {id} is not listed by ctr tasks ls"))
     }
 
+    /// The pids of task `id`'s processes (`ctr tasks ps`).
+    pub fn task_pids(&self, id: &str) -> Result<Vec<u32>> {
+        let out = self.ok(&["tasks", "ps", id])?;
+        Ok(out
+            .stdout_str()
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect())
+    }
+
+    /// Waits until task `id` runs its init alone (e.g. a server's child for a connection
+    /// has gone: CRIU refuses to dump a connected socket without `tcp_established`).
+    pub fn wait_alone(&self, id: &str, timeout: Duration) -> Result<()> {
+        try_wait_for(&format!("task {id} to run its init alone"), timeout, || {
+            Ok((self.task_pids(id)?.len() == 1).then_some(()))
+        })
+    }
+
     /// Polls `ctr tasks ls` until task `id` shows `status`.
     pub fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Result<()> {
         let mut last = None;

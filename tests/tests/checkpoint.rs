@@ -339,6 +339,7 @@ fn tcp_server_in_netns(cx: &Ctx) -> Result<()> {
     let addr = ns.addr(7070);
     let (a, _) = ckpt::wait_answer(addr, Some("hello"), WAIT)?;
     ensure!(a == "pong 1 hello", "server answered {a:?}");
+    cx.ctr.wait_alone(&id, WAIT)?;
     cx.checkpoint(&id, &image)?;
     let (a, _) = ckpt::wait_answer(addr, Some("still"), WAIT)?;
     ensure!(
@@ -694,6 +695,24 @@ impl Direct {
         checkpoint_task(&self.shim, &self.id, images, &self.dir.join("work"), opts)
     }
 
+    /// Waits until the container runs its init alone (the echo server's child for a
+    /// connection has gone: a dump without `open_tcp` refuses a connected socket).
+    fn wait_alone(&self) -> Result<()> {
+        wait_for("the container's init to run alone", WAIT, || {
+            self.shim.pids(&self.id).ok().filter(|p| p.len() == 1)
+        })?;
+        Ok(())
+    }
+
+    /// A checkpoint with `exit` (and `opts`): returns once the dumped init has exited.
+    fn checkpoint_exit(&self, images: &Path, opts: CheckpointOptions) -> Result<()> {
+        self.checkpoint(images, CheckpointOptions { exit: true, ..opts })?;
+        self.shim
+            .wait(&self.id, "")
+            .context("wait for the dumped init to exit")?;
+        Ok(())
+    }
+
     /// Deletes the (stopped) container and creates it again from `images`, then starts it.
     fn restore(&mut self, images: &Path) -> Result<()> {
         self.shim
@@ -943,17 +962,13 @@ fn established_tcp_open_tcp(cx: &Ctx) -> Result<()> {
     let mut conn = LineConn::connect(addr, WAIT)?;
     ensure!(conn.ask("one")? == "pong 1 one", "first answer");
     let images = d.dir.join("images");
-    d.checkpoint(
+    d.checkpoint_exit(
         &images,
         CheckpointOptions {
-            exit: true,
             open_tcp: true,
             ..Default::default()
         },
     )?;
-    d.shim
-        .wait(&d.id, "")
-        .context("wait for the dumped init to exit")?;
     check_private(&images)?;
     d.restore(&images)?;
     let a = conn
@@ -977,6 +992,7 @@ fn network_lock_until_restore(cx: &Ctx) -> Result<()> {
     let clean = ns.filter_rules()?;
 
     let running = d.dir.join("running");
+    d.wait_alone()?;
     d.checkpoint(&running, CheckpointOptions::default())?;
     let rules = ns.filter_rules()?;
     ensure!(
@@ -986,14 +1002,8 @@ fn network_lock_until_restore(cx: &Ctx) -> Result<()> {
     ckpt::wait_answer(addr, Some("still"), WAIT)?;
 
     let images = d.dir.join("images");
-    d.checkpoint(
-        &images,
-        CheckpointOptions {
-            exit: true,
-            ..Default::default()
-        },
-    )?;
-    d.shim.wait(&d.id, "").context("wait for the dumped init")?;
+    d.wait_alone()?;
+    d.checkpoint_exit(&images, CheckpointOptions::default())?;
     let rules = ns.filter_rules()?;
     ensure!(
         rules.contains("RUNC-ARCHITECT") && rules.contains("-j DROP"),
@@ -1042,17 +1052,13 @@ fn file_locks(cx: &Ctx) -> Result<()> {
         d.number("/tmp/locked").ok().filter(|m| *m >= n + 2)
     })?;
     let _ = std::fs::remove_dir_all(&images);
-    d.checkpoint(
+    d.checkpoint_exit(
         &images,
         CheckpointOptions {
             file_locks: true,
-            exit: true,
             ..Default::default()
         },
     )?;
-    d.shim
-        .wait(&d.id, "")
-        .map_err(|e| anyhow::anyhow!("Wait: {e}"))?;
     d.restore(&images)?;
     let pid = d
         .shim
@@ -1151,14 +1157,8 @@ fn damaged_checkpoint_fails_cleanly(cx: &Ctx) -> Result<()> {
     let addr = ns.addr(7575);
     ckpt::wait_answer(addr, Some("probe"), WAIT)?;
     let images = d.dir.join("images");
-    d.checkpoint(
-        &images,
-        CheckpointOptions {
-            exit: true,
-            ..Default::default()
-        },
-    )?;
-    d.shim.wait(&d.id, "").context("wait for the dumped init")?;
+    d.wait_alone()?;
+    d.checkpoint_exit(&images, CheckpointOptions::default())?;
     d.shim
         .delete(&d.id, "")
         .context("delete the dumped container")?;
