@@ -14,8 +14,8 @@
 //!   it CRIU's own phases from its `stats-restore` image (forking, restore); the stock
 //!   path's CRIU phases from the `stats-restore` runc's CRIU leaves in the shim's work
 //!   directory;
-//! - where runc-architect's checkpoint time goes: how long CRIU kept the tree frozen, and
-//!   inside that drawing memory out of it and writing it (runc's CRIU leaves its
+//! - where runc-architect's checkpoint time goes: how long CRIU kept the tree frozen, how
+//!   long it took drawing memory out of it and writing it (runc's CRIU leaves its
 //!   `stats-dump` in the image directory, which containerd packs and deletes);
 //! - restore throughput for the heaps (MiB restored / CRIU restore time, and end to end).
 //!
@@ -401,8 +401,8 @@ fn report(w: &Workload, samples: &[Vec<Sample>; 2], lines: &mut Vec<String>) {
     // runc's CRIU writes stats-dump into the image directory, which containerd packs into
     // the checkpoint and deletes: only runc-architect's dump phases are at hand.
     lines.push(format!(
-        "{:<10} architect checkpoint breakdown (medians): tree frozen {:.1} ms, of which \
-         CRIU drawing memory {:.1} ms and writing it {:.1} ms",
+        "{:<10} architect checkpoint breakdown (medians): tree frozen {:.1} ms; CRIU \
+         drawing memory {:.1} ms, writing it {:.1} ms (partly after the tree runs again)",
         w.name,
         med(1, &|s| s.dump.map(|d| ms(d.frozen))),
         med(1, &|s| s.dump.map(|d| ms(d.memdump))),
