@@ -119,24 +119,7 @@ impl Container {
         let exit_rx = exits.register(pid);
         io.start(&cfg.stdio).await?;
         *init.io.lock().await = Some(io);
-        let cgroups = CgroupPaths::of_pid(pid).unwrap_or_default();
-        let container = Arc::new(Container {
-            id: cfg.id,
-            bundle: cfg.bundle,
-            state_root: cfg.state_root,
-            exits,
-            events,
-            init,
-            execs: Mutex::default(),
-            cgroups,
-            restored: Default::default(),
-        });
-        container.watch_oom();
-        let c = container.clone();
-        tokio::spawn(async move {
-            let status = exit_rx.await.unwrap_or(255);
-            c.on_init_exit(status as u32).await;
-        });
+        let container = Self::track(cfg, init, exit_rx, exits, events, false);
         info!(container = %container.id, pid, "created");
         Ok(container)
     }
@@ -151,6 +134,22 @@ impl Container {
         exits: ExitWatcher,
         events: UnboundedSender<RuntimeEvent>,
     ) -> Arc<Container> {
+        let container = Self::track(cfg, init, exited, exits, events, true);
+        info!(container = %container.id, pid = container.init.pid(), "restored");
+        container
+    }
+
+    /// A container around a running `init` (created or restored): OOM notifications
+    /// watched, and its exit (`exited`, its registration with the [`ExitWatcher`])
+    /// handled when it comes.
+    fn track(
+        cfg: CreateConfig,
+        init: Arc<Process>,
+        exited: tokio::sync::oneshot::Receiver<i32>,
+        exits: ExitWatcher,
+        events: UnboundedSender<RuntimeEvent>,
+        restored: bool,
+    ) -> Arc<Container> {
         let cgroups = CgroupPaths::of_pid(init.pid()).unwrap_or_default();
         let container = Arc::new(Container {
             id: cfg.id,
@@ -161,7 +160,7 @@ impl Container {
             init,
             execs: Mutex::default(),
             cgroups,
-            restored: std::sync::atomic::AtomicBool::new(true),
+            restored: std::sync::atomic::AtomicBool::new(restored),
         });
         container.watch_oom();
         let c = container.clone();
@@ -169,7 +168,6 @@ impl Container {
             let status = exited.await.unwrap_or(255);
             c.on_init_exit(status as u32).await;
         });
-        info!(container = %container.id, pid = container.init.pid(), "restored");
         container
     }
 
