@@ -492,7 +492,7 @@ impl Container {
         self.lock_execs().clear();
         self.finish_io(&self.init).await;
         force_delete(self.state_root.clone(), self.id.clone()).await?;
-        if let Err(e) = self.cgroups.remove_hybrid_unified() {
+        if let Err(e) = self.cgroups.remove_own() {
             warn!(container = %self.id, "{e}");
         }
         let exit = self.init.exit().unwrap_or(ExitInfo {
@@ -517,7 +517,7 @@ impl Container {
         let p = self.process(exec_id)?;
         let mut guard = p.io.lock().await;
         if let Some(io) = guard.as_mut() {
-            io.close_stdin().await;
+            io.close_stdin();
         }
         Ok(())
     }

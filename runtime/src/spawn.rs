@@ -18,13 +18,19 @@ use crate::error::{Error, Result};
 use crate::exits::ExitWatcher;
 use crate::helper::{Reply, Request, HELPER_ARG};
 
+/// The running shim's own executable image.
+const OWN_IMAGE: &str = "/proc/self/exe";
+
 /// Runs one helper request; `inherit` are descriptors the helper must receive (their
 /// numbers are in the request). Returns the pid the helper reports.
 pub async fn call_helper(exits: &ExitWatcher, req: &Request, inherit: &[RawFd]) -> Result<i32> {
     let json = serde_json::to_string(req)
         .map_err(|e| Error::Other(format!("encode helper request: {e}")))?;
-    let exe =
-        std::env::current_exe().map_err(|e| Error::io("locate own binary", "/proc/self/exe", e))?;
+    // The running image itself, not the path it was started from: a node upgrade
+    // (`runc-architect install`) replaces that file under running shims, and
+    // `current_exe()` then names a path that is gone (" (deleted)") or a newer binary whose
+    // helper protocol may differ. Executing /proc/self/exe always runs this very binary.
+    let exe = std::path::PathBuf::from(OWN_IMAGE);
     let (out_r, out_w) = cloexec_pipe()?;
     let (err_r, err_w) = cloexec_pipe()?;
     let mut cmd = Command::new(&exe);

@@ -12,7 +12,7 @@
 //!   (`CriuPath`, runc-architect's own key); [`CriuRegistry`] remembers it per container.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use containerd_shim::api;
@@ -132,7 +132,56 @@ pub fn checkpoint_request(
         cgroups_mode,
         network_lock: NetworkLock::default(),
         criu,
+        portable: o.work_path.ends_with(CRI_CHECKPOINT_DIR),
     })
+}
+
+/// The directory in which containerd's CRI collects a kubelet checkpoint (KEP-2008).
+const CRI_CHECKPOINT_DIR: &str = "ctrd-checkpoint";
+
+/// Where containerd's CRI collects a kubelet checkpoint (KEP-2008) of container `id`,
+/// if this is a CRI container being checkpointed that way.
+///
+/// CRI's `CheckpointContainer` makes `<CRI root>/containers/<id>/ctrd-checkpoint`, asks
+/// the task for a checkpoint, and archives that directory with the CRIU images under
+/// `checkpoint/`; CRIU's log (`dump.log`) and statistics (`stats-dump`) belong at its top,
+/// where they land as CRIU's work directory. CRI names that directory to the shim only in
+/// runc's options, that is only for `runtime_type = "io.containerd.runc.v2"`; for our own
+/// runtime type the request has no options. The directory is then found from the spec
+/// CRI wrote: the files it mounts into every container (`/etc/hostname`,
+/// `/etc/resolv.conf`) come from `<CRI root>/sandboxes/<sandbox id>/`. It is used only
+/// when it exists, i.e. while CRI is taking that checkpoint.
+pub fn cri_work_dir(bundle: &Path, id: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(bundle.join("config.json")).ok()?;
+    let spec: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let ann = spec.get("annotations")?;
+    if ann.get("io.kubernetes.cri.container-type")?.as_str()? != "container" {
+        return None;
+    }
+    let sandbox = ann.get("io.kubernetes.cri.sandbox-id")?.as_str()?;
+    let cri_root = spec
+        .get("mounts")?
+        .as_array()?
+        .iter()
+        .filter(|m| {
+            matches!(
+                m.get("destination").and_then(|d| d.as_str()),
+                Some("/etc/hostname" | "/etc/resolv.conf")
+            )
+        })
+        .filter_map(|m| m.get("source")?.as_str().map(Path::new))
+        .find_map(|src| {
+            let sandbox_dir = src.parent()?;
+            let sandboxes = sandbox_dir.parent()?;
+            (sandbox_dir.file_name()? == sandbox && sandboxes.file_name()? == "sandboxes")
+                .then(|| sandboxes.parent().map(Path::to_path_buf))
+                .flatten()
+        })?;
+    let dir = cri_root
+        .join("containers")
+        .join(id)
+        .join(CRI_CHECKPOINT_DIR);
+    dir.is_dir().then_some(dir)
 }
 
 /// The restore of a Create whose `checkpoint` is `images`.
@@ -226,6 +275,40 @@ mod tests {
             ..Default::default()
         };
         assert!(checkpoint_request(&req, CriuConfig::default()).is_err());
+    }
+
+    #[test]
+    fn cri_checkpoint_dir_from_the_spec() {
+        let base = std::env::temp_dir().join(format!("ra-cri-wd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let cri = base.join("io.containerd.grpc.v1.cri");
+        let bundle = base.join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let spec = |kind: &str| {
+            serde_json::json!({
+                "annotations": {
+                    "io.kubernetes.cri.container-type": kind,
+                    "io.kubernetes.cri.sandbox-id": "sb1",
+                },
+                "mounts": [
+                    {"destination": "/etc/hosts", "source": "/elsewhere/etc-hosts"},
+                    {"destination": "/etc/hostname", "source": cri.join("sandboxes/sb1/hostname")},
+                ],
+            })
+            .to_string()
+        };
+        std::fs::write(bundle.join("config.json"), spec("container")).unwrap();
+        // Not while CRI is not taking a checkpoint.
+        assert_eq!(cri_work_dir(&bundle, "c1"), None);
+        let dir = cri.join("containers/c1/ctrd-checkpoint");
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(cri_work_dir(&bundle, "c1"), Some(dir));
+        // Never for a pod's sandbox, nor for containers outside CRI.
+        std::fs::write(bundle.join("config.json"), spec("sandbox")).unwrap();
+        assert_eq!(cri_work_dir(&bundle, "c1"), None);
+        std::fs::write(bundle.join("config.json"), r#"{"mounts": []}"#).unwrap();
+        assert_eq!(cri_work_dir(&bundle, "c1"), None);
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! event the stock shim publishes for it, and reports errors with the stock shim's
 //! status codes and wording (containerd's errdefs: "...: not found" and so on).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -42,6 +42,9 @@ pub const OPTIONS_FILE: &str = "runc-architect-options.json";
 pub struct TaskService {
     namespace: String,
     containers: RwLock<HashMap<String, Arc<Container>>>,
+    /// Ids whose Create is under way, reserved before anything is mounted or created so
+    /// that a second Create of the same id fails at once and touches nothing of the first.
+    creating: std::sync::Mutex<HashSet<String>>,
     exits: ExitWatcher,
     runtime_events: UnboundedSender<RuntimeEvent>,
     events: Events,
@@ -62,6 +65,7 @@ impl TaskService {
         TaskService {
             namespace: namespace.to_string(),
             containers: RwLock::default(),
+            creating: std::sync::Mutex::default(),
             exits,
             runtime_events,
             events,
@@ -70,6 +74,24 @@ impl TaskService {
             criu: CriuRegistry::default(),
             store: NodeStore::default(),
         }
+    }
+
+    /// Reserves `id` for a Create; the reservation ends when the returned guard drops
+    /// (after the container was inserted, or the Create failed).
+    async fn reserve(&self, id: &str) -> TtrpcResult<Reservation<'_>> {
+        let containers = self.containers.write().await;
+        let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if containers.contains_key(id) || !creating.insert(id.to_string()) {
+            // The stock shim's answer, word for word (runc refuses the id).
+            return Err(status(
+                Code::UNKNOWN,
+                format!("OCI runtime create failed: container {id}: container with given ID already exists"),
+            ));
+        }
+        Ok(Reservation {
+            ids: &self.creating,
+            id: id.to_string(),
+        })
     }
 
     /// The container `id`. Every request goes through here, so this is also where the
@@ -82,6 +104,21 @@ impl TaskService {
             .get(id)
             .cloned()
             .ok_or_else(|| status(Code::NOT_FOUND, "container not created"))
+    }
+}
+
+/// An id reserved by a Create under way.
+struct Reservation<'a> {
+    ids: &'a std::sync::Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -162,12 +199,7 @@ impl Task for TaskService {
                 .await
                 .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
         }
-        if self.containers.read().await.contains_key(&req.id) {
-            return Err(status(
-                Code::ALREADY_EXISTS,
-                format!("container {}", req.id),
-            ));
-        }
+        let _reservation = self.reserve(&req.id).await?;
         let bundle = PathBuf::from(&req.bundle);
         if !bundle.is_dir() {
             return Err(status(
@@ -417,7 +449,13 @@ impl Task for TaskService {
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
         let c = self.container(&req.id).await?;
-        let creq = checkpoint::checkpoint_request(&req, self.criu.get(&req.id))?;
+        let mut creq = checkpoint::checkpoint_request(&req, self.criu.get(&req.id))?;
+        if creq.work_dir.is_none() {
+            // A kubelet checkpoint under our own runtime type (see cri_work_dir); its
+            // archive leaves the node, so its images are written as runc writes them.
+            creq.work_dir = checkpoint::cri_work_dir(c.bundle(), &req.id);
+            creq.portable |= creq.work_dir.is_some();
+        }
         runc_architect_runtime::checkpoint::checkpoint(&c, &self.exits, creq)
             .await
             .map_err(|e| rt_err(e.into()))?;

@@ -127,18 +127,52 @@ impl CgroupPaths {
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
-    /// Removes the v2 directory this shim created on a hybrid host (libcontainer removes
-    /// the v1 ones). Only empty cgroups can be removed; failures are reported.
-    pub fn remove_hybrid_unified(&self) -> Result<()> {
-        if mode() != Mode::Hybrid {
+    /// Removes the container's own cgroup directories that are left once libcontainer
+    /// deleted the container: the v2 mirror on a hybrid host, and directories in hierarchies
+    /// libcgroups does not manage (the named `systemd` one, which CRIU re-creates when it
+    /// restores a checkpoint of runc's, whose containers live there too). Only directories
+    /// at the container's own path (that of its memory, pids or v2 cgroup) are touched, never
+    /// a parent or the root a hierarchy shares with the host; a directory that still holds
+    /// processes stays.
+    pub fn remove_own(&self) -> Result<()> {
+        let own = ["memory", "pids", "cpu", "devices"]
+            .iter()
+            .find_map(|c| self.relative(c))
+            .or_else(|| {
+                let root = unified_root()?;
+                self.unified.as_deref()?.strip_prefix(root).ok().map(Path::to_path_buf)
+            });
+        let Some(own) = own.filter(|p| !p.as_os_str().is_empty()) else {
             return Ok(());
-        }
-        if let Some(dir) = &self.unified {
-            if dir.as_path() != Path::new(HYBRID_UNIFIED) && dir.exists() {
-                std::fs::remove_dir(dir).map_err(|e| Error::io("remove cgroup", dir, e))?;
+        };
+        let mut dirs: Vec<&PathBuf> = self.v1.values().collect();
+        dirs.extend(self.unified.iter());
+        let mut first_error = None;
+        for dir in dirs {
+            let at_own_path = match (unified_root(), self.unified.as_ref()) {
+                (Some(root), Some(u)) if u == dir => dir.strip_prefix(root).ok() == Some(own.as_path()),
+                _ => dir
+                    .strip_prefix(CGROUP_ROOT)
+                    .ok()
+                    .map(|p| p.iter().skip(1).collect::<PathBuf>())
+                    .as_deref()
+                    == Some(own.as_path()),
+            };
+            if !at_own_path || !dir.exists() {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_dir(dir) {
+                first_error.get_or_insert(Error::io("remove cgroup", dir, e));
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The path of a v1 controller's directory below its hierarchy's root.
+    fn relative(&self, controller: &str) -> Option<PathBuf> {
+        let dir = self.v1(controller)?;
+        let below = dir.strip_prefix(CGROUP_ROOT).ok()?;
+        Some(below.iter().skip(1).collect())
     }
 }
 
@@ -201,5 +235,46 @@ mod tests {
             Some(Path::new("/sys/fs/cgroup/cpuacct/default/x"))
         );
         assert_eq!(p.v1("systemd"), Some(Path::new("/sys/fs/cgroup/systemd/s")));
+    }
+
+    /// On this machine's hybrid hierarchy: a container's own directories go, in every
+    /// hierarchy that has one at its path; a shared parent and the root stay.
+    #[test]
+    fn removes_only_the_containers_own_directories() {
+        if mode() != Mode::Hybrid || !Path::new("/sys/fs/cgroup/systemd").is_dir() {
+            eprintln!("skipped: needs a hybrid host with the named systemd hierarchy");
+            return;
+        }
+        let parent = format!("ra-unit-{}", std::process::id());
+        let own = format!("{parent}/c1");
+        let dirs: Vec<PathBuf> = ["systemd", "memory"]
+            .iter()
+            .map(|h| Path::new(CGROUP_ROOT).join(h).join(&own))
+            .chain([Path::new(HYBRID_UNIFIED).join(&own)])
+            .collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        // libcontainer removed the memory cgroup already; the named and v2 ones are left.
+        std::fs::remove_dir(&dirs[1]).unwrap();
+        let p = CgroupPaths::parse(&format!(
+            "4:memory:/{own}\n1:name=systemd:/{own}\n0::/{own}\n"
+        ));
+        p.remove_own().unwrap();
+        for d in &dirs {
+            assert!(!d.exists(), "{} is left", d.display());
+        }
+        for h in [
+            Path::new(CGROUP_ROOT).join("systemd"),
+            Path::new(CGROUP_ROOT).join("memory"),
+            PathBuf::from(HYBRID_UNIFIED),
+        ] {
+            let parent_dir = h.join(&parent);
+            assert!(parent_dir.is_dir(), "the parent {} went too", parent_dir.display());
+            std::fs::remove_dir(&parent_dir).unwrap();
+        }
+        // A container at a hierarchy's root (the named one on hybrid hosts) removes nothing.
+        CgroupPaths::parse("4:memory:/\n1:name=systemd:/\n").remove_own().unwrap();
+        assert!(Path::new("/sys/fs/cgroup/systemd").is_dir());
     }
 }

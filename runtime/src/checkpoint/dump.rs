@@ -219,18 +219,23 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
     opts = opts.freeze_cgroup(freezer.path().to_string_lossy());
 
     // Frozen, nothing can fill a tmpfs any more: empty ones are re-created fresh at
-    // restore instead of archived (mountinfo read again: it is final now).
-    match std::fs::read_to_string(&mountinfo_path) {
-        Ok(text) => {
-            let root = PathBuf::from(format!("/proc/{pid}/root"));
-            for m in mounts::empty_tmpfs(&parse_mountinfo(&text), &root, &record.external_mounts) {
-                debug!(destination = %m.destination, "empty tmpfs: re-created at restore");
-                opts = opts.external(m.dump_key());
-                record.external_mounts.push(m);
+    // restore instead of archived (mountinfo read again: it is final now). Not for
+    // portable images: runc archives every tmpfs and would not know how to re-create one.
+    if !req.portable {
+        match std::fs::read_to_string(&mountinfo_path) {
+            Ok(text) => {
+                let root = PathBuf::from(format!("/proc/{pid}/root"));
+                for m in
+                    mounts::empty_tmpfs(&parse_mountinfo(&text), &root, &record.external_mounts)
+                {
+                    debug!(destination = %m.destination, "empty tmpfs: re-created at restore");
+                    opts = opts.external(m.dump_key());
+                    record.external_mounts.push(m);
+                }
             }
+            // Then CRIU archives every tmpfs, as it would anyway.
+            Err(e) => debug!("read mountinfo again: {e}"),
         }
-        // Then CRIU archives every tmpfs, as it would anyway.
-        Err(e) => debug!("read mountinfo again: {e}"),
     }
 
     let spawner = Arc::new(ShimSpawner::new(exits.clone()));
@@ -262,6 +267,11 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
             record.save(&req.image_dir).map_err(|e| {
                 CheckpointError::io(id, "write checkpoint record in", &req.image_dir, e)
             })?;
+            if req.portable {
+                record.save_runc_descriptors(&req.image_dir).map_err(|e| {
+                    CheckpointError::io(id, "write runc's descriptors.json in", &req.image_dir, e)
+                })?;
+            }
             restrict_tree(&req.image_dir)
                 .map_err(|e| CheckpointError::io(id, "restrict access to", &req.image_dir, e))?;
             if work_dir != req.image_dir {

@@ -22,6 +22,19 @@ pub const RUNC_DESCRIPTORS: &str = "descriptors.json";
 /// Version of the record's layout.
 pub const RECORD_VERSION: u32 = 1;
 
+/// Writes `body` to `path`, root-only (0600) like the images, and syncs it.
+fn write_private(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)?;
+    f.write_all(body)?;
+    f.sync_all()
+}
+
 /// One of the dumped init's fds 0-2.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StdioRecord {
@@ -68,17 +81,16 @@ pub struct DumpRecord {
 impl DumpRecord {
     /// Writes the record into `dir` (mode 0600).
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        let path = dir.join(RECORD_FILE);
         let body = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)?;
-        f.write_all(&body)?;
-        f.sync_all()
+        write_private(&dir.join(RECORD_FILE), &body)
+    }
+
+    /// Writes runc's record of the dump (`descriptors.json`: the link targets of the
+    /// init's fds 0-2) into `dir` (mode 0600), for images that runc may restore.
+    pub fn save_runc_descriptors(&self, dir: &Path) -> std::io::Result<()> {
+        let links: Vec<&str> = self.stdio.iter().map(|s| s.link.as_str()).collect();
+        let body = serde_json::to_vec(&links).map_err(std::io::Error::other)?;
+        write_private(&dir.join(RUNC_DESCRIPTORS), &body)
     }
 
     /// Reads the record of the images in `dir`: ours, else runc's `descriptors.json`

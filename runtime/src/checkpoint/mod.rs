@@ -244,6 +244,11 @@ pub struct CheckpointRequest {
     pub cgroups_mode: CgroupsMode,
     pub network_lock: NetworkLock,
     pub criu: CriuConfig,
+    /// Images that leave the node (a kubelet checkpoint archive): written as runc writes
+    /// them, so that runc (or CRI-O) can restore them too. Every tmpfs is archived by CRIU
+    /// (none is re-created fresh at restore) and runc's `descriptors.json` is written next
+    /// to our record.
+    pub portable: bool,
 }
 
 /// What can go wrong checkpointing or restoring a container.
