@@ -1,5 +1,7 @@
-//! `runc-architect`: the command line of runc-architect.
+//! `runc-architect`: the command line of runc-architect (node install, checkpoint store).
 
+mod install;
+mod install_cmd;
 mod store_cmd;
 
 use clap::{Parser, Subcommand};
@@ -17,6 +19,10 @@ struct Cli {
 enum Command {
     /// Administer a checkpoint store (put, get, ls, inspect, verify, gc, stats, export, import).
     Store(store_cmd::StoreArgs),
+    /// Install the shim on this node and register it in containerd's config.toml.
+    Install(install_cmd::InstallArgs),
+    /// Remove the handler from containerd's config.toml and the shim from the node.
+    Uninstall(install_cmd::UninstallArgs),
 }
 
 fn main() {
@@ -30,6 +36,8 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Store(args) => store_cmd::run(args),
+        Command::Install(args) => install_cmd::install(args),
+        Command::Uninstall(args) => install_cmd::uninstall(args),
     };
     match res {
         Ok(code) => std::process::exit(code),
