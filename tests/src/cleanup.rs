@@ -11,61 +11,54 @@ use nix::unistd::Pid;
 
 use crate::poll::wait_for;
 
+/// Every process's pid but this test process's own.
+pub fn other_pids() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter(|pid| *pid != me)
+        .collect()
+}
+
+/// The arguments of process `pid` (`None` when it is gone).
+pub fn cmdline(pid: i32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
 /// Pids of processes whose command line has an argument equal to `arg` or containing it.
 pub fn processes_with_arg(arg: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    let me = std::process::id() as i32;
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        if cmdline
-            .split(|b| *b == 0)
-            .any(|a| !a.is_empty() && String::from_utf8_lossy(a).contains(arg))
-        {
-            pids.push(pid);
-        }
-    }
-    pids
+    other_pids()
+        .into_iter()
+        .filter(|pid| cmdline(*pid).is_some_and(|args| args.iter().any(|a| a.contains(arg))))
+        .collect()
 }
 
 /// Pids of serving shim processes (`binary` is the shim's file name) whose command line
 /// matches `filter`: not the short-lived `start` and `delete` invocations.
 pub fn serving_shims(binary: &str, filter: impl Fn(&[String]) -> bool) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = raw
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_binary = args
-            .first()
-            .and_then(|a| std::path::Path::new(a).file_name())
-            .is_some_and(|f| f == binary);
-        let serving = !args.last().is_some_and(|a| a == "start" || a == "delete");
-        if is_binary && serving && filter(&args) {
-            out.push(pid);
-        }
-    }
-    out
+    other_pids()
+        .into_iter()
+        .filter(|pid| {
+            cmdline(*pid).is_some_and(|args| {
+                let is_binary = args
+                    .first()
+                    .and_then(|a| std::path::Path::new(a).file_name())
+                    .is_some_and(|f| f == binary);
+                let serving = !args.last().is_some_and(|a| a == "start" || a == "delete");
+                is_binary && serving && filter(&args)
+            })
+        })
+        .map(|pid| pid as u32)
+        .collect()
 }
 
 /// SIGKILLs `pids` and waits (bounded) until they are gone.

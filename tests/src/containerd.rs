@@ -167,15 +167,7 @@ impl Containerd {
             if !address.exists() {
                 return Ok(None);
             }
-            let out = Command::new(&ctr_bin)
-                .arg("-a")
-                .arg(&address)
-                .arg("version")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()?;
-            Ok(out.success().then_some(()))
+            Ok(ctr_answers(&ctr_bin, &address)?.then_some(()))
         });
         if let Err(e) = res {
             bail!("{e}\n--- containerd log (tail) ---\n{}", self.log_tail(40));
@@ -302,6 +294,19 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Whether the daemon at `address` answers `ctr version`.
+pub fn ctr_answers(ctr_bin: &Path, address: &Path) -> std::io::Result<bool> {
+    Ok(Command::new(ctr_bin)
+        .arg("-a")
+        .arg(address)
+        .arg("version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success())
 }
 
 /// SIGTERM, wait up to `grace`, then SIGKILL.

@@ -20,15 +20,23 @@
 //!   (bad-input tests, exact error codes).
 //! - [`ckpt`]: checkpoint/restore pieces: the `ckload` workloads (built with `gcc -static`),
 //!   named network namespaces wired to the host, TCP probes, finding the CRIU a shim runs.
+//! - [`cri`]: the kubelet's side of the CRI: a typed gRPC client for containerd's CRI plugin, the
+//!   kubelet's calls as a library ([`cri::kubelet`]), the SPDY/3.1 remotecommand streaming
+//!   client for Exec/Attach/PortForward ([`cri::stream`]) and the CRI log format ([`cri::logs`]).
+//! - [`node`]: a CRI test node: a private containerd with CRI in network and mount
+//!   namespaces of its own, CNI pod networking, our pause image, a local OCI registry, and
+//!   runc-architect registered by its installer.
 
 pub mod ckpt;
 pub mod cleanup;
 pub mod containerd;
+pub mod cri;
 pub mod ctr;
 pub mod diff;
 pub mod differential;
 pub mod events;
 pub mod image;
+pub mod node;
 pub mod paths;
 pub mod poll;
 pub mod process;

@@ -50,6 +50,15 @@ pub struct RpcError {
     pub message: String,
 }
 
+impl RpcError {
+    pub fn new(code: &str, message: impl Into<String>) -> RpcError {
+        RpcError {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
 impl fmt::Display for RpcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.code, self.message)
@@ -243,27 +252,70 @@ impl ShimProcess {
     /// One unary call of the task API, the way containerd makes it (namespace in the
     /// metadata, a timeout).
     pub fn call<Req: Message, Resp: Message>(&self, method: &str, req: &Req) -> RpcResult<Resp> {
-        let mut md = std::collections::HashMap::new();
-        md.insert(NAMESPACE_KEY.to_string(), vec![self.namespace.clone()]);
-        let payload = req.write_to_bytes().map_err(|e| RpcError {
-            code: "ENCODE".into(),
-            message: e.to_string(),
-        })?;
-        let request = ttrpc::Request {
-            service: self.service.to_string(),
-            method: method.to_string(),
-            timeout_nano: CALL_TIMEOUT.as_nanos() as i64,
-            metadata: ttrpc::context::to_pb(md),
-            payload,
-            ..Default::default()
-        };
+        self.call_within(method, req, CALL_TIMEOUT)
+    }
+
+    /// [`ShimProcess::call`] with a deadline of `timeout`.
+    pub fn call_within<Req: Message, Resp: Message>(
+        &self,
+        method: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> RpcResult<Resp> {
+        let request = self.request(method, req, timeout)?;
         let res = self
             .rt
             .block_on(self.client.request(request))
             .map_err(RpcError::from)?;
-        Resp::parse_from_bytes(&res.payload).map_err(|e| RpcError {
-            code: "DECODE".into(),
-            message: e.to_string(),
+        decode(&res.payload)
+    }
+
+    /// Two calls sent at the same time, each answered on its own.
+    pub fn call_concurrently<Req: Message, Resp: Message>(
+        &self,
+        method: &str,
+        a: &Req,
+        b: &Req,
+    ) -> (RpcResult<Resp>, RpcResult<Resp>) {
+        let (ra, rb) = match (
+            self.request(method, a, CALL_TIMEOUT),
+            self.request(method, b, CALL_TIMEOUT),
+        ) {
+            (Ok(ra), Ok(rb)) => (ra, rb),
+            (ra, rb) => {
+                return (
+                    ra.and_then(|_| Err(RpcError::new("ENCODE", "not sent"))),
+                    rb.and_then(|_| Err(RpcError::new("ENCODE", "not sent"))),
+                )
+            }
+        };
+        let (a, b) = self
+            .rt
+            .block_on(async { tokio::join!(self.client.request(ra), self.client.request(rb)) });
+        let answer = |r: Result<ttrpc::Response, ttrpc::Error>| {
+            r.map_err(RpcError::from).and_then(|r| decode(&r.payload))
+        };
+        (answer(a), answer(b))
+    }
+
+    fn request<Req: Message>(
+        &self,
+        method: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> RpcResult<ttrpc::Request> {
+        let mut md = std::collections::HashMap::new();
+        md.insert(NAMESPACE_KEY.to_string(), vec![self.namespace.clone()]);
+        let payload = req
+            .write_to_bytes()
+            .map_err(|e| RpcError::new("ENCODE", e.to_string()))?;
+        Ok(ttrpc::Request {
+            service: self.service.to_string(),
+            method: method.to_string(),
+            timeout_nano: timeout.as_nanos() as i64,
+            metadata: ttrpc::context::to_pb(md),
+            payload,
+            ..Default::default()
         })
     }
 
@@ -272,21 +324,40 @@ impl ShimProcess {
         &mut self,
         req: api::CreateTaskRequest,
     ) -> RpcResult<api::CreateTaskResponse> {
-        if !self.created.contains(&req.id) {
-            self.created.push(req.id.clone());
-        }
+        self.note_created(&req.id);
         self.call("Create", &req)
     }
 
     /// `Create` of container `id` from `bundle` with null stdio and optional runtime options.
     pub fn create(&mut self, id: &str, bundle: &Path, options: Option<Any>) -> RpcResult<u32> {
-        let req = api::CreateTaskRequest {
+        let mut req = self.create_template(id, bundle);
+        req.options = options.map(MessageField::some).unwrap_or_default();
+        self.create_req(req).map(|r| r.pid)
+    }
+
+    /// The request [`ShimProcess::create`] sends (null stdio, no options), to send by hand.
+    pub fn create_template(&self, id: &str, bundle: &Path) -> api::CreateTaskRequest {
+        api::CreateTaskRequest {
             id: id.into(),
             bundle: bundle.display().to_string(),
-            options: options.map(MessageField::some).unwrap_or_default(),
             ..Default::default()
-        };
-        self.create_req(req).map(|r| r.pid)
+        }
+    }
+
+    /// Remembers `id` for cleanup, for a Create sent by hand.
+    pub fn note_created(&mut self, id: &str) {
+        if !self.created.iter().any(|c| c == id) {
+            self.created.push(id.to_string());
+        }
+    }
+
+    /// Runs `args` as exec `exec_id` in container `id` to its end; its exit status.
+    pub fn exec_output(&self, id: &str, exec_id: &str, args: &[&str]) -> RpcResult<u32> {
+        self.exec(id, exec_id, args)?;
+        self.start(id, exec_id)?;
+        let code = self.wait(id, exec_id)?;
+        self.delete(id, exec_id)?;
+        Ok(code)
     }
 
     pub fn start(&self, id: &str, exec_id: &str) -> RpcResult<u32> {
@@ -480,6 +551,10 @@ fn find_shim_by_cwd(binary: &Path, bundle: &Path) -> Option<i32> {
         }
     }
     None
+}
+
+fn decode<Resp: Message>(payload: &[u8]) -> RpcResult<Resp> {
+    Resp::parse_from_bytes(payload).map_err(|e| RpcError::new("DECODE", e.to_string()))
 }
 
 /// Bytes filled by a background reader.

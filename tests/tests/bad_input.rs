@@ -29,6 +29,7 @@
 //! | kill of an exited init | NOT_FOUND | process already finished: not found |
 //! | kill of an exited exec | NOT_FOUND | process already finished: not found |
 //! | exec with a taken exec id | ALREADY_EXISTS | id <exec id>: already exists |
+//! | two concurrent Creates of one id (the loser) | UNKNOWN | ... container with id exists ... |
 //! | state of an unknown container | NOT_FOUND | container not created: not found |
 //! | exec in an unknown container | NOT_FOUND | container not created: not found |
 //!
@@ -38,6 +39,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use containerd_shim_protos::api;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use libtest_mimic::{Failed, Trial};
 use runc_architect_tests::image::{ImageBuilder, BUSYBOX_IMAGE};
@@ -305,6 +307,41 @@ fn cases() -> Vec<Case> {
                     .start(&id, "dup")
                     .map_err(|e| anyhow!("Start exec: {e}"))?;
                 expect_err("Exec with a taken id", s.shim.exec(&id, "dup", &["true"]))
+            },
+        },
+        Case {
+            name: "concurrent_create_same_id",
+            deliberate: None,
+            stock_code: "UNKNOWN",
+            mentions: &["exists"],
+            run: |s| {
+                // Two Creates of one id at the same moment (a retried request racing the
+                // first): one wins, and the loser must leave the winner whole, rootfs and
+                // state included.
+                let bundle = s.bundle("twin", &["sleep", "1000"])?;
+                let id = s.id("twin");
+                let req = s.shim.create_template(&id, &bundle);
+                s.shim.note_created(&id);
+                let (a, b) = s.shim.call_concurrently::<_, api::CreateTaskResponse>(
+                    "Create", &req, &req,
+                );
+                let loser = match (a, b) {
+                    (Ok(_), Err(e)) | (Err(e), Ok(_)) => e,
+                    (Ok(_), Ok(_)) => bail!("both Creates of {id} succeeded"),
+                    (Err(a), Err(b)) => bail!("both Creates of {id} failed: {a}; {b}"),
+                };
+                s.shim
+                    .start(&id, "")
+                    .map_err(|e| anyhow!("Start of the winner after the race: {e}"))?;
+                s.shim
+                    .check_serves(&id, "twin-probe")
+                    .context("the winner of the race")?;
+                let marker = s.shim.exec_output(&id, "twin-ls", &["test", "-f", "/etc/image-marker"]);
+                match marker {
+                    Ok(0) => {}
+                    other => bail!("the winner's rootfs is gone after the race: {other:?}"),
+                }
+                Ok(loser)
             },
         },
         Case {
