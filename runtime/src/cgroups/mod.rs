@@ -140,7 +140,11 @@ impl CgroupPaths {
             .find_map(|c| self.relative(c))
             .or_else(|| {
                 let root = unified_root()?;
-                self.unified.as_deref()?.strip_prefix(root).ok().map(Path::to_path_buf)
+                self.unified
+                    .as_deref()?
+                    .strip_prefix(root)
+                    .ok()
+                    .map(Path::to_path_buf)
             });
         let Some(own) = own.filter(|p| !p.as_os_str().is_empty()) else {
             return Ok(());
@@ -150,13 +154,16 @@ impl CgroupPaths {
         let mut first_error = None;
         for dir in dirs {
             let at_own_path = match (unified_root(), self.unified.as_ref()) {
-                (Some(root), Some(u)) if u == dir => dir.strip_prefix(root).ok() == Some(own.as_path()),
-                _ => dir
-                    .strip_prefix(CGROUP_ROOT)
-                    .ok()
-                    .map(|p| p.iter().skip(1).collect::<PathBuf>())
-                    .as_deref()
-                    == Some(own.as_path()),
+                (Some(root), Some(u)) if u == dir => {
+                    dir.strip_prefix(root).ok() == Some(own.as_path())
+                }
+                _ => {
+                    dir.strip_prefix(CGROUP_ROOT)
+                        .ok()
+                        .map(|p| p.iter().skip(1).collect::<PathBuf>())
+                        .as_deref()
+                        == Some(own.as_path())
+                }
             };
             if !at_own_path || !dir.exists() {
                 continue;
@@ -270,11 +277,17 @@ mod tests {
             PathBuf::from(HYBRID_UNIFIED),
         ] {
             let parent_dir = h.join(&parent);
-            assert!(parent_dir.is_dir(), "the parent {} went too", parent_dir.display());
+            assert!(
+                parent_dir.is_dir(),
+                "the parent {} went too",
+                parent_dir.display()
+            );
             std::fs::remove_dir(&parent_dir).unwrap();
         }
         // A container at a hierarchy's root (the named one on hybrid hosts) removes nothing.
-        CgroupPaths::parse("4:memory:/\n1:name=systemd:/\n").remove_own().unwrap();
+        CgroupPaths::parse("4:memory:/\n1:name=systemd:/\n")
+            .remove_own()
+            .unwrap();
         assert!(Path::new("/sys/fs/cgroup/systemd").is_dir());
     }
 }

@@ -57,6 +57,9 @@ fn kubelet_checkpoint(r: &mut Run) -> Result<Observation> {
     let archive = dir.join("checkpoint.tar");
     let _ = std::fs::remove_file(&archive);
     let mut o = Observation::new();
+    // Read before the dump: the checkpointed value is at least this (the container goes on
+    // counting after the checkpoint, so a later read could be ahead of it).
+    let before: u64 = r.exec_ok(&id, &["cat", "/tmp/count"])?.trim().parse()?;
     let res = r.kubelet.checkpoint(&id, &archive, Duration::from_secs(60));
     if r.node.version() == Version::V1_7 {
         o.put(
@@ -69,7 +72,6 @@ fn kubelet_checkpoint(r: &mut Run) -> Result<Observation> {
         return Ok(o);
     }
     res.map_err(|e| anyhow!("CheckpointContainer: {e}"))?;
-    let before: u64 = r.exec_ok(&id, &["cat", "/tmp/count"])?.trim().parse()?;
     o.put("still_running_after", r.status_brief(&id)?);
     let entries = archive_entries(&archive)?;
     o.put(
@@ -148,10 +150,15 @@ fn kubelet_checkpoint(r: &mut Run) -> Result<Observation> {
     let crossed = r.create(pod3, &spec, &image_ref, "crossed")?;
     r.kubelet
         .cri()
-        .start_container(api::StartContainerRequest { container_id: crossed.clone() })
+        .start_container(api::StartContainerRequest {
+            container_id: crossed.clone(),
+        })
         .map_err(|e| anyhow!("StartContainer of the archive under the other handler: {e}"))?;
     r.wait_state(&crossed, ContainerState::ContainerRunning)?;
-    let crossed_count: u64 = r.exec_ok(&crossed, &["cat", "/tmp/count"])?.trim().parse()?;
+    let crossed_count: u64 = r
+        .exec_ok(&crossed, &["cat", "/tmp/count"])?
+        .trim()
+        .parse()?;
     o.put("restored_by_the_other_handler", crossed_count >= before);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(o)

@@ -129,7 +129,11 @@ impl<'a> Run<'a> {
     /// A pod under the other handler of the comparison (runc for runc-architect's run and
     /// the other way round), deleted with the run's own pods.
     pub fn pod_under_the_other_handler(&mut self, f: impl FnOnce(&mut PodSpec)) -> Result<PodRef> {
-        let other = if self.is_architect() { RUNC_HANDLER } else { ARCHITECT_HANDLER };
+        let other = if self.is_architect() {
+            RUNC_HANDLER
+        } else {
+            ARCHITECT_HANDLER
+        };
         let spec = self.pod_spec(f);
         let kubelet = self.node.kubelet_with(other, CRI_TIMEOUTS)?;
         let pod = kubelet
