@@ -187,10 +187,14 @@ mod tests {
         let mut child = cmd.spawn().expect("spawn sleep");
         drop(guard);
         let dir = format!("/proc/{}/fd", child.id());
-        // exec has happened once /proc/PID/exe is sleep; wait for it (bounded).
-        for _ in 0..200 {
-            let exe = std::fs::read_link(format!("/proc/{}/exe", child.id()));
-            if exe.map(|p| p.ends_with("sleep")).unwrap_or(false) {
+        // Read the table only once sleep sleeps: right after exec the dynamic loader
+        // still has its libraries open (seen as a stray descriptor). Bounded wait.
+        let sleeping = [libc::SYS_clock_nanosleep, libc::SYS_nanosleep].map(|n| n.to_string());
+        for _ in 0..400 {
+            let call = std::fs::read_to_string(format!("/proc/{}/syscall", child.id()))
+                .unwrap_or_default();
+            let nr = call.split_whitespace().next().unwrap_or("");
+            if sleeping.iter().any(|s| s == nr) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
