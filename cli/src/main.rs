@@ -1,7 +1,10 @@
-//! `runc-architect`: the command line of runc-architect (node install, checkpoint store).
+//! `runc-architect`: the command line of runc-architect (node install, checkpoint store,
+//! hibernation status and metrics).
 
 mod install;
 mod install_cmd;
+mod metrics_cmd;
+mod status_cmd;
 mod store_cmd;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +26,10 @@ enum Command {
     Install(install_cmd::InstallArgs),
     /// Remove the handler from containerd's config.toml and the shim from the node.
     Uninstall(install_cmd::UninstallArgs),
+    /// Show the hibernation state of every container that has it on (all namespaces).
+    Status(status_cmd::StatusArgs),
+    /// Print hibernation metrics in Prometheus text format, or serve them (--listen).
+    Metrics(metrics_cmd::MetricsArgs),
 }
 
 fn main() {
@@ -38,6 +45,8 @@ fn main() {
         Command::Store(args) => store_cmd::run(args),
         Command::Install(args) => install_cmd::install(args),
         Command::Uninstall(args) => install_cmd::uninstall(args),
+        Command::Status(args) => status_cmd::run(args),
+        Command::Metrics(args) => metrics_cmd::run(args),
     };
     match res {
         Ok(code) => std::process::exit(code),

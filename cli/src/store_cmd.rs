@@ -454,6 +454,7 @@ pub fn run(args: StoreArgs) -> Result<i32> {
             let rep = store.gc(&GcOptions {
                 policy,
                 dry_run: *dry_run,
+                ..Default::default()
             })?;
             if *json {
                 print_json(&rep)?;

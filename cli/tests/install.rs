@@ -668,6 +668,241 @@ fn option_keys_are_the_shims() {
     assert_eq!(ours, shim);
 }
 
+/// The hibernation defaults of the node, written into the handler's options with the types
+/// the shim reads (`TomlOptions`: a bool, duration strings, a path), as the real containerd
+/// of each major loads them.
+#[test]
+fn hibernation_options_are_written_with_their_types() {
+    let args = [
+        "--option",
+        "Hibernate=true",
+        "--option",
+        "FreezeAfter=500ms",
+        "--option",
+        "ScaledownAfter=1m30s",
+        "--option",
+        "InitialDelay=0",
+        "--option",
+        "HibernateDir=/var/lib/ra/hibernate",
+        "--option",
+        "StoreConfig=/etc/ra/store.toml",
+    ];
+    for s in series() {
+        let original = s.default_config();
+        let fx = Fixture::with_config(&original);
+        fx.install(s, &args);
+        // The file as written: a TOML boolean, and strings (quoted as the file's form quotes).
+        let q = match s {
+            Series::V17 => '"',
+            Series::V21 => '\'',
+        };
+        let merged = fx.read_config();
+        for line in [
+            "Hibernate = true".to_string(),
+            format!("FreezeAfter = {q}500ms{q}"),
+            format!("ScaledownAfter = {q}1m30s{q}"),
+            format!("InitialDelay = {q}0{q}"),
+            format!("HibernateDir = {q}/var/lib/ra/hibernate{q}"),
+        ] {
+            assert!(
+                merged.lines().any(|l| l.trim() == line),
+                "{}: no line {line:?} in\n{merged}",
+                s.name()
+            );
+        }
+        // What containerd makes of it (and would hand the shim as TOML).
+        let d = dump(s, &fx.config());
+        let opts = &dumped_handler(&d, s, "runc-architect")["options"];
+        assert_eq!(opts["Hibernate"].as_bool(), Some(true));
+        assert_eq!(opts["FreezeAfter"].as_str(), Some("500ms"));
+        assert_eq!(opts["ScaledownAfter"].as_str(), Some("1m30s"));
+        assert_eq!(opts["InitialDelay"].as_str(), Some("0"));
+        assert_eq!(opts["HibernateDir"].as_str(), Some("/var/lib/ra/hibernate"));
+        assert_eq!(opts["StoreConfig"].as_str(), Some("/etc/ra/store.toml"));
+        // Idempotent, and uninstall gives back the original.
+        let again = fx.install(s, &args);
+        assert!(again.contains("nothing changed"), "{again}");
+        fx.uninstall(s, &[]);
+        assert_eq!(fx.read_config(), original, "{}: not reverted", s.name());
+    }
+}
+
+/// A malformed hibernation option is refused before anything is written, and the message
+/// names the key, the value and what the key takes.
+#[test]
+fn malformed_hibernation_options_are_refused() {
+    let fx = Fixture::with_config("version = 2\n");
+    let cases: &[(&str, &str)] = &[
+        (
+            "Hibernate=yes",
+            "--option Hibernate=yes: Hibernate takes true or false",
+        ),
+        (
+            "Hibernate=1",
+            "--option Hibernate=1: Hibernate takes true or false",
+        ),
+        (
+            "FreezeAfter=2x",
+            "--option FreezeAfter=2x: FreezeAfter takes a Go duration such as 500ms, 2s or \
+             1m30s (0 for none): unknown unit \"x\"",
+        ),
+        (
+            "ScaledownAfter=60",
+            "--option ScaledownAfter=60: ScaledownAfter takes a Go duration such as 500ms, 2s \
+             or 1m30s (0 for none): missing unit (ns, us, ms, s, m, h)",
+        ),
+        (
+            "InitialDelay=-5s",
+            "--option InitialDelay=-5s: InitialDelay takes a Go duration such as 500ms, 2s or \
+             1m30s (0 for none): negative",
+        ),
+        ("ScaledownAfter=1d", "unknown unit \"d\""),
+        (
+            "FreezeAfter=",
+            "--option FreezeAfter=: FreezeAfter takes a Go duration",
+        ),
+        ("FreezeAfter=3000000h", "out of range"),
+        (
+            "HibernateDir=var/lib/hib",
+            "--option HibernateDir=var/lib/hib: HibernateDir takes an absolute path",
+        ),
+        ("hibernate=true", "did you mean Hibernate?"),
+    ];
+    for (opt, want) in cases {
+        let err = fails(fx.run("install", &["--containerd-major", "1", "--option", opt]));
+        assert!(err.contains(want), "{opt}: wanted {want:?} in {err}");
+        assert_eq!(fx.read_config(), "version = 2\n");
+        assert!(!fx.installed().exists());
+    }
+    // In the --as-runc form containerd would drop them: refused, naming the key.
+    for opt in [
+        "Hibernate=true",
+        "FreezeAfter=2s",
+        "ScaledownAfter=60s",
+        "InitialDelay=0",
+        "HibernateDir=/var/lib/hib",
+    ] {
+        let key = opt.split('=').next().unwrap();
+        let err = fails(fx.run(
+            "install",
+            &["--containerd-major", "1", "--as-runc", "--option", opt],
+        ));
+        assert!(err.contains(&format!("have no {key}")), "{opt}: {err}");
+    }
+}
+
+/// The installer's duration check and the runtime's parser (which the shim uses) accept
+/// and refuse the same values, for the same reasons. Both sources are compiled into this
+/// test: the CLI cannot depend on the runtime crate (libcontainer).
+/// (The `#[path]`s of an inline module are relative to a directory of its name, which
+/// does not exist; so the two modules sit at the top level.)
+#[path = "../src/install/duration.rs"]
+#[allow(dead_code)]
+mod cli_duration;
+#[path = "../../runtime/src/hibernate/policy/duration.rs"]
+#[allow(dead_code)]
+mod runtime_duration;
+
+mod durations_agree {
+    use super::{cli_duration as cli, runtime_duration as runtime};
+
+    fn both(s: &str) -> (Result<(), String>, Result<(), String>) {
+        (
+            cli::check_non_negative(s).map_err(|e| e.to_string()),
+            runtime::parse_non_negative(s)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        )
+    }
+
+    #[test]
+    fn on_a_corpus() {
+        let corpus = [
+            "",
+            "0",
+            "-0",
+            "+0",
+            "0s",
+            "-0s",
+            "-0.0s",
+            "00",
+            "1",
+            "1.5",
+            "s",
+            ".",
+            ".s",
+            "-",
+            "+",
+            "--1s",
+            "+-1s",
+            " 1s",
+            "1 s",
+            "1s ",
+            "5s",
+            "5.s",
+            ".5s",
+            "5.6s",
+            "1..5s",
+            "..5s",
+            "1.5.5s",
+            "1s.",
+            "1.",
+            "1h30",
+            "300ms",
+            "1.5h",
+            "2h45m",
+            "10.5s4m",
+            "1h65m",
+            "2x",
+            "1d",
+            "1S",
+            "1sec",
+            "1min",
+            "1e3s",
+            "12\u{b5}s",
+            "12\u{3bc}s",
+            "\u{fffd}",
+            "1\u{fffd}",
+            "-1ns",
+            "-2m3.4s",
+            "9223372036854775807ns",
+            "9223372036854775808ns",
+            "-9223372036854775808ns",
+            "-9223372036854775809ns",
+            "2562047h47m16.854775807s",
+            "2562047h47m16.854775808s",
+            "2562048h",
+            "3000000h",
+            "9223372036854776us",
+            "99999999999999999999999s",
+            "99999999999999999999999x",
+            "0000000000000000000000000000000000000000001s",
+            "0.3333333333333333333h",
+            "0.100000000000000000000h",
+            "1.000000000000000000000000000001s",
+        ];
+        for s in corpus {
+            let (cli, runtime) = both(s);
+            assert_eq!(cli, runtime, "{s:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn on_random_strings(s in "[-+]?[0-9.]{0,6}(ns|us|ms|s|m|h|x|µs)?([0-9.]{0,4}(s|m|h)?){0,2}") {
+            let (cli, runtime) = both(&s);
+            proptest::prop_assert_eq!(cli, runtime, "{:?}", s);
+        }
+
+        #[test]
+        fn on_large_values(n in 0u64..u64::MAX, unit in 0usize..6) {
+            let s = format!("{n}{}", ["ns", "us", "ms", "s", "m", "h"][unit]);
+            let (cli, runtime) = both(&s);
+            proptest::prop_assert_eq!(cli, runtime, "{:?}", s);
+        }
+    }
+}
+
 #[test]
 fn existing_handler_is_updated_in_place() {
     let s = series()[0];

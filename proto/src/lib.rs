@@ -10,6 +10,8 @@
 //!   own schema so that field presence matches what protobuf-c expects, plus CRIU's
 //!   statistics images (`stats-dump`, `stats-restore`: [`criu::StatsEntry`]) and pagemap
 //!   images ([`criu::PagemapEntry`]).
+//! - [`status`]: hibernation's state files (`<root>/hibernate/<namespace>/<id>.json`, written
+//!   by the shim, read by `runc-architect status` and `metrics`) and its containerd events.
 
 /// containerd's `runtimeoptions.v1` messages: the options CRI and `ctr` hand to a
 /// runtime that is not `io.containerd.runc.v2`.
@@ -33,6 +35,8 @@ pub mod runc {
 pub mod criu {
     include!(concat!(env!("OUT_DIR"), "/criu.rs"));
 }
+
+pub mod status;
 
 /// The type URLs under which containerd wraps these messages in a `google.protobuf.Any`.
 pub mod type_urls {

@@ -5,6 +5,7 @@
 //! resume, delete) run libcontainer in a blocking task of the shim itself.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +18,8 @@ use tracing::{debug, info, warn};
 use crate::cgroups::{self, CgroupPaths};
 use crate::error::{Error, Result};
 use crate::exits::ExitWatcher;
-use crate::helper::Request;
+use crate::helper::{Request, StdioFds};
+use crate::hibernate::driver::{Hibernation, SignalOutcome};
 use crate::io::{ProcessIo, StdioConfig};
 use crate::process::{ExitInfo, Process, ProcessState, Status};
 use crate::spawn::call_helper;
@@ -43,6 +45,8 @@ pub enum RuntimeEvent {
     Oom {
         container_id: String,
     },
+    /// A hibernation transition ([`crate::hibernate`]).
+    Hibernation(crate::hibernate::driver::Transition),
 }
 
 /// Everything needed to create a container.
@@ -69,6 +73,11 @@ pub struct Container {
     /// Set for an init restored by CRIU at Create: it runs already, and the Start that
     /// follows only reports it (see [`crate::checkpoint`]).
     restored: std::sync::atomic::AtomicBool,
+    /// Set while hibernation kills the init after its checkpoint: that exit is not the
+    /// task's (no exit event, Wait goes on waiting); it is sent here instead.
+    sleep_exit: Mutex<Option<tokio::sync::oneshot::Sender<i32>>>,
+    /// The container's hibernation, when it has it on.
+    hibernation: std::sync::OnceLock<Arc<Hibernation>>,
 }
 
 struct Exec {
@@ -161,14 +170,32 @@ impl Container {
             execs: Mutex::default(),
             cgroups,
             restored: std::sync::atomic::AtomicBool::new(restored),
+            sleep_exit: Mutex::default(),
+            hibernation: std::sync::OnceLock::new(),
         });
         container.watch_oom();
-        let c = container.clone();
+        container.handle_init_exit(exited);
+        container
+    }
+
+    /// Waits for the current init's exit (`exited`, its registration with the
+    /// [`ExitWatcher`]) and handles it: the task's exit, or hibernation's.
+    fn handle_init_exit(self: &Arc<Self>, exited: tokio::sync::oneshot::Receiver<i32>) {
+        let c = self.clone();
         tokio::spawn(async move {
             let status = exited.await.unwrap_or(255);
-            c.on_init_exit(status as u32).await;
+            let asleep = c
+                .sleep_exit
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            match asleep {
+                Some(tx) => {
+                    let _ = tx.send(status);
+                }
+                None => c.on_init_exit(status as u32).await,
+            }
         });
-        container
     }
 
     fn watch_oom(&self) {
@@ -186,6 +213,9 @@ impl Container {
     /// The init exited: stop whatever is left in the container, let the execs' exits
     /// be reported first (as the stock shim does), then report the init's.
     async fn on_init_exit(&self, status: u32) {
+        if let Some(h) = self.hibernation() {
+            h.init_exited();
+        }
         let _ = self.signal_all(Signal::SIGKILL);
         let running: Vec<Arc<Process>> = self
             .execs()
@@ -303,6 +333,15 @@ impl Container {
                 self.id
             )));
         }
+        // A sleeping container wakes first; the permit reports the exec's end.
+        let permit = match self.hibernation() {
+            Some(h) => Some(
+                h.exec()
+                    .await
+                    .map_err(|e| Error::FailedPrecondition(e.to_string()))?,
+            ),
+            None => None,
+        };
         let spec_file = self.bundle.join(format!(".exec-{exec_id}.json"));
         std::fs::write(&spec_file, &spec)
             .map_err(|e| Error::io("write exec process spec", &spec_file, e))?;
@@ -337,6 +376,7 @@ impl Container {
         let (cid, eid, p) = (self.id.clone(), exec_id.to_string(), process.clone());
         tokio::spawn(async move {
             let status = exit_rx.await.unwrap_or(255) as u32;
+            drop(permit);
             let _gate = p.start_gate.lock().await;
             let exit = p.set_exited(status);
             debug!(container = %cid, exec = %eid, pid, status, "exec exited");
@@ -352,7 +392,19 @@ impl Container {
     }
 
     /// Sends `signal` to the process, or with `all` to every process of the container.
-    pub fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+    pub async fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        if let (true, Some(h)) = (exec_id.is_empty(), self.hibernation()) {
+            // A sleeping init wakes for any signal but SIGKILL, which ends it as it sleeps.
+            if self.init.status() != Status::Stopped {
+                if let Ok(SignalOutcome::Killed) = h.signal(signal as i32).await {
+                    return Ok(());
+                }
+            }
+        }
+        self.kill_now(exec_id, signal, all)
+    }
+
+    fn kill_now(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
         let p = self.process(exec_id)?;
         let sig = Signal::try_from(signal as i32)
             .map_err(|_| Error::InvalidArgument(format!("invalid signal {signal}")))?;
@@ -406,6 +458,11 @@ impl Container {
     }
 
     pub async fn pause(&self) -> Result<()> {
+        if let Some(h) = self.hibernation() {
+            if self.init.status() == Status::Running {
+                h.pause().await.map_err(|e| Error::State(e.to_string()))?;
+            }
+        }
         match self.init.status() {
             Status::Running => {}
             Status::Created => {
@@ -426,6 +483,11 @@ impl Container {
     }
 
     pub async fn resume(&self) -> Result<()> {
+        if let Some(h) = self.hibernation() {
+            if self.init.status() == Status::Paused {
+                h.resume().await.map_err(|e| Error::State(e.to_string()))?;
+            }
+        }
         match self.init.status() {
             Status::Paused => {}
             Status::Created => {
@@ -468,6 +530,12 @@ impl Container {
     /// Deletes the container: its init must have exited (or never started). Cleans up
     /// libcontainer's state and the cgroups.
     pub async fn delete(&self) -> Result<(u32, ExitInfo)> {
+        if self.init.status() == Status::Stopped || self.init.status() == Status::Created {
+            if let Some(h) = self.hibernation() {
+                // Its rules, listeners, images and checkpoints go with it.
+                h.shutdown().await;
+            }
+        }
         match self.init.status() {
             Status::Running => return Err(Error::State("cannot delete a running process".into())),
             Status::Paused => return Err(Error::State("cannot delete a paused process".into())),
@@ -535,6 +603,10 @@ impl Container {
 
     /// Pids of every process in the container, with the exec id of those that are execs.
     pub fn pids(&self) -> Result<Vec<(u32, Option<String>)>> {
+        if let Some(h) = self.hibernation().filter(|h| h.asleep()) {
+            // The processes it had when it went to sleep: to containerd it runs.
+            return Ok(h.snapshot().pids.into_iter().map(|p| (p, None)).collect());
+        }
         let execs: HashMap<i32, String> = self
             .lock_execs()
             .iter()
@@ -558,6 +630,18 @@ impl Container {
         if self.init.status() == Status::Stopped {
             return Err(Error::State("cannot update a stopped container".into()));
         }
+        if let Some(h) = self.hibernation().filter(|h| h.asleep()) {
+            serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources_json)
+                .map_err(|e| Error::InvalidArgument(format!("malformed resources: {e}")))?;
+            // Applied to the restored tree at the wake.
+            h.defer_update(resources_json);
+            return Ok(());
+        }
+        self.apply_update(resources_json).await
+    }
+
+    /// Applies new resource limits (a JSON `LinuxResources`) to the container's cgroups.
+    pub(crate) async fn apply_update(&self, resources_json: Vec<u8>) -> Result<()> {
         let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&resources_json)
             .map_err(|e| Error::InvalidArgument(format!("malformed resources: {e}")))?;
         let (root, id) = (self.state_root.clone(), self.id.clone());
@@ -590,6 +674,230 @@ impl Container {
     pub fn bundle(&self) -> &Path {
         &self.bundle
     }
+}
+
+/// What hibernation ([`crate::hibernate`]) does to a container's init: hold its stdio while
+/// the tree sleeps, kill the tree without the task noticing, and put a restored (or
+/// cold-started) init in its place.
+impl Container {
+    /// The init's fds 0-2 as the same open files (`pidfd_getfd`): the shim holds them
+    /// while the tree sleeps, so that the output copiers see no end of file and the
+    /// restore re-attaches the very same pipes.
+    pub(crate) fn hold_init_stdio(&self) -> Result<[OwnedFd; 3]> {
+        let pid = self.init.pid();
+        let pidfd = pidfd_open(pid).map_err(|e| Error::sys(format!("pidfd_open {pid}"), e))?;
+        let get = |n| {
+            pidfd_getfd(&pidfd, n).map_err(|e| Error::sys(format!("pidfd_getfd {pid} fd {n}"), e))
+        };
+        Ok([get(0)?, get(1)?, get(2)?])
+    }
+
+    /// Turns hibernation on for this container (once, after its start).
+    pub fn set_hibernation(&self, h: Hibernation) {
+        let _ = self.hibernation.set(Arc::new(h));
+    }
+
+    /// The container's hibernation, when it has it on.
+    pub fn hibernation(&self) -> Option<&Arc<Hibernation>> {
+        self.hibernation.get()
+    }
+
+    /// Reports the init's exit with `status` (a sleeping container ended by SIGKILL, or
+    /// one that could not be woken).
+    pub(crate) async fn report_exit(&self, status: u32) {
+        self.on_init_exit(status).await;
+    }
+
+    /// How the container was created (for a restore into it).
+    pub(crate) fn create_config(&self) -> CreateConfig {
+        CreateConfig {
+            id: self.id.clone(),
+            bundle: self.bundle.clone(),
+            state_root: self.state_root.clone(),
+            stdio: self.init.stdio.clone(),
+            no_pivot: false,
+        }
+    }
+
+    /// Whether the container joins a network namespace by path (a pod's), rather than
+    /// having one of its own.
+    pub(crate) fn joins_netns_by_path(&self) -> bool {
+        let Ok(spec) = oci_spec::runtime::Spec::load(self.bundle.join("config.json")) else {
+            return false;
+        };
+        spec.linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().clone())
+            .unwrap_or_default()
+            .iter()
+            .any(|n| {
+                n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_some()
+            })
+    }
+
+    /// The running processes of the container, for Pids while it sleeps.
+    pub(crate) fn cgroups(&self) -> &CgroupPaths {
+        &self.cgroups
+    }
+
+    /// Whether an exec process runs (a tree with one is not hibernated: CRIU dumps the
+    /// init's tree, and an exec is not part of it).
+    pub(crate) fn has_running_execs(&self) -> bool {
+        self.execs().iter().any(|p| p.status() == Status::Running)
+    }
+
+    /// Puts every TCP connection of the container's processes into repair mode and
+    /// returns the shim's own references to them, to be dropped once the processes are
+    /// gone. Killing a process closes its sockets, and a normal close sends the peer a
+    /// FIN (or a reset), which would end a keep-alive connection that CRIU has just
+    /// dumped to restore; a socket closed in repair mode goes silently (the kernel's
+    /// `tcp_close`/`tcp_disconnect` send nothing for it), so the peer's connection stays
+    /// open for the restored socket. Best effort: a socket that cannot be switched is
+    /// logged and left as it is.
+    pub(crate) fn quiesce_tcp(&self) -> Vec<OwnedFd> {
+        let pids = self
+            .cgroups
+            .procs()
+            .unwrap_or_else(|_| vec![self.init.pid()]);
+        let mut held = Vec::new();
+        for pid in pids.into_iter().filter(|p| *p > 0) {
+            let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            let Ok(pidfd) = pidfd_open(pid) else { continue };
+            for e in entries.flatten() {
+                let is_socket = std::fs::read_link(e.path())
+                    .map(|l| l.to_string_lossy().starts_with("socket:["))
+                    .unwrap_or(false);
+                let Some(n) = e.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else {
+                    continue;
+                };
+                if !is_socket {
+                    continue;
+                }
+                let Ok(fd) = pidfd_getfd(&pidfd, n) else {
+                    continue;
+                };
+                if !is_connected_tcp(&fd) {
+                    continue;
+                }
+                let on: libc::c_int = 1;
+                // SAFETY: setsockopt on a socket we hold, with a pointer to a c_int that
+                // lives across the call and its exact size.
+                let r = unsafe {
+                    libc::setsockopt(
+                        fd.as_raw_fd(),
+                        libc::IPPROTO_TCP,
+                        libc::TCP_REPAIR,
+                        &on as *const libc::c_int as *const libc::c_void,
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if r != 0 {
+                    debug!(container = %self.id, pid, fd = n, "TCP_REPAIR: {}", std::io::Error::last_os_error());
+                    continue;
+                }
+                held.push(fd);
+            }
+        }
+        held
+    }
+
+    /// Kills every process of the container for hibernation; the init's exit arrives on
+    /// the returned receiver instead of being reported.
+    pub(crate) fn kill_for_sleep(&self) -> tokio::sync::oneshot::Receiver<i32> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *self.sleep_exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        let _ = self.signal_all(Signal::SIGKILL);
+        rx
+    }
+
+    /// A restored init (its pid, and its registration with the exit watcher) takes the
+    /// place of the one that slept; the task's state goes on as if nothing had happened.
+    pub(crate) fn adopt_woken_init(
+        self: &Arc<Self>,
+        pid: i32,
+        exited: tokio::sync::oneshot::Receiver<i32>,
+    ) {
+        self.init.set_pid(pid);
+        self.handle_init_exit(exited);
+        info!(container = %self.id, pid, "woken");
+    }
+
+    /// A fresh init from the bundle's spec, when the sleeping tree cannot be restored:
+    /// libcontainer's state of the old one goes, the new one gets the held stdio (so the
+    /// copies to containerd go on) and is started at once.
+    pub(crate) async fn cold_restart(self: &Arc<Self>, stdio: &[OwnedFd; 3]) -> Result<i32> {
+        force_delete(self.state_root.clone(), self.id.clone()).await?;
+        let fds = StdioFds {
+            stdin: stdio[0].as_raw_fd(),
+            stdout: stdio[1].as_raw_fd(),
+            stderr: stdio[2].as_raw_fd(),
+        };
+        let req = Request::Create {
+            id: self.id.clone(),
+            bundle: self.bundle.clone(),
+            root: self.state_root.clone(),
+            stdio: Some(fds),
+            console_socket: None,
+            no_pivot: false,
+            join_unified: cgroups::mode() == cgroups::Mode::Hybrid,
+        };
+        let pid = call_helper(&self.exits, &req, &[fds.stdin, fds.stdout, fds.stderr]).await?;
+        let exited = self.exits.register(pid);
+        let (root, id) = (self.state_root.clone(), self.id.clone());
+        if let Err(e) = blocking(move || start_init(&root, &id)).await {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(10), exited).await;
+            return Err(e);
+        }
+        self.adopt_woken_init(pid, exited);
+        self.watch_oom();
+        Ok(pid)
+    }
+}
+
+/// Whether `fd` is a TCP socket that is not a listener (a connection, or one being made).
+fn is_connected_tcp(fd: &OwnedFd) -> bool {
+    let get = |opt: libc::c_int| -> Option<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt on a descriptor we hold into a c_int on our stack, with its
+        // size in `len`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &mut v as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        (r == 0).then_some(v)
+    };
+    get(libc::SO_PROTOCOL) == Some(libc::IPPROTO_TCP) && get(libc::SO_ACCEPTCONN) == Some(0)
+}
+
+fn pidfd_open(pid: i32) -> std::result::Result<OwnedFd, nix::errno::Errno> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
+    // memory is passed. (nix 0.29 has no wrapper.)
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn pidfd_getfd(pidfd: &OwnedFd, target: RawFd) -> std::result::Result<OwnedFd, nix::errno::Errno> {
+    // SAFETY: pidfd_getfd takes a pidfd, a descriptor number in that process and flags,
+    // and returns a new descriptor (close-on-exec) or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    if fd < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Starts a created init. This is libcontainer's `Container::start` with one difference

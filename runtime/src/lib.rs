@@ -24,6 +24,7 @@ pub mod container;
 pub mod error;
 pub mod exits;
 pub mod helper;
+pub mod hibernate;
 pub mod io;
 pub mod process;
 pub mod rootfs;

@@ -133,6 +133,7 @@ pub fn checkpoint_request(
         network_lock: NetworkLock::default(),
         criu,
         portable: o.work_path.ends_with(CRI_CHECKPOINT_DIR),
+        keep_netns: false,
     })
 }
 

@@ -3,6 +3,11 @@
 //! Events go through the shim crate's [`RemotePublisher`], which queues and retries.
 //! Events raised inside the runtime (exits, OOM kills) arrive on a channel and are
 //! turned into `/tasks/exit` and `/tasks/oom` here, in the order they happened.
+//!
+//! Hibernation transitions go out under topics of ours, `/runc-architect/hibernate/...`
+//! ([`Events::publish_hibernation`]); their topics and payload are defined, and the choice of
+//! payload type explained, in `runc_architect_proto::status` (containerd 1.7 and 2.1 forward
+//! them, and `ctr events` prints them with their fields).
 
 use std::time::SystemTime;
 
@@ -12,9 +17,10 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::topics;
 use containerd_shim::Context;
+use runc_architect_proto::status::HibernationEvent;
 use runc_architect_runtime::RuntimeEvent;
 use tokio::sync::mpsc::UnboundedReceiver;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Publishes events for one namespace.
 #[derive(Clone)]
@@ -40,6 +46,27 @@ impl Events {
             .await
         {
             warn!(topic, "publish event: {e}");
+        }
+    }
+
+    /// Publishes a hibernation transition under its topic, and logs it (one `info` line with
+    /// the container id, so callers need not). Like [`Events::publish`], never fails.
+    pub async fn publish_hibernation(&self, ev: HibernationEvent) {
+        info!(
+            container = %ev.container_id,
+            topic = ev.topic.as_str(),
+            from = ev.from.as_str(),
+            to = ev.to.as_str(),
+            wake_ms = ev.wake_ms,
+            checkpoint_bytes = ev.checkpoint_bytes,
+            reason = ev.reason.as_deref(),
+            "hibernation transition"
+        );
+        match ev.to_protobuf() {
+            Ok(payload) => self.publish(ev.topic.as_str(), payload).await,
+            Err(e) => {
+                warn!(container = %ev.container_id, topic = ev.topic.as_str(), "publish event: {e}")
+            }
         }
     }
 
@@ -95,6 +122,7 @@ impl Events {
                     self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(e))
                         .await;
                 }
+                RuntimeEvent::Hibernation(t) => crate::hibernate::transition(&self, t).await,
             }
         }
     }

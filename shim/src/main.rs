@@ -13,6 +13,7 @@
 
 mod checkpoint;
 mod events;
+mod hibernate;
 mod info;
 mod logging;
 mod options;

@@ -19,6 +19,7 @@ use containerd_shim_protos::protobuf::Message;
 use prost::Message as _;
 use runc_architect_proto::runtimeoptions;
 use runc_architect_proto::type_urls;
+use runc_architect_runtime::hibernate::policy::NodeOptions;
 use serde::Deserialize;
 
 /// Default root of libcontainer's per-container state (a namespace directory below it).
@@ -38,7 +39,18 @@ pub struct RuntimeOptions {
     /// The CRIU binary for checkpoint/restore (runc-architect's own option; default:
     /// `criu` from `$PATH` or the sbin directories).
     pub criu_path: Option<PathBuf>,
+    /// Node defaults of hibernation (`Hibernate`, `FreezeAfter`, `ScaledownAfter`,
+    /// `InitialDelay`; pod annotations override them).
+    pub hibernation: NodeOptions,
+    /// Where hibernated containers' images are kept on local disk (default
+    /// [`DEFAULT_HIBERNATE_DIR`]).
+    pub hibernate_dir: Option<PathBuf>,
 }
+
+/// Where hibernation keeps its local images unless `HibernateDir` says otherwise.
+pub const DEFAULT_HIBERNATE_DIR: &str = "/var/lib/runc-architect/hibernate";
+/// The node's checkpoint store when no `StoreConfig` names one.
+pub const DEFAULT_STORE_ROOT: &str = "/var/lib/runc-architect/store";
 
 /// A problem with the options; reported to containerd as InvalidArgument.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +101,21 @@ struct TomlOptions {
     /// runc-architect's own: the node-level checkpoint store configuration.
     #[serde(rename = "StoreConfig")]
     store_config: Option<PathBuf>,
+    /// runc-architect's own: hibernation on by default for the node's containers.
+    #[serde(rename = "Hibernate")]
+    hibernate: Option<bool>,
+    /// runc-architect's own: the default idle time before freezing (Go duration).
+    #[serde(rename = "FreezeAfter")]
+    freeze_after: Option<String>,
+    /// runc-architect's own: the default idle time before scaling down (Go duration).
+    #[serde(rename = "ScaledownAfter")]
+    scaledown_after: Option<String>,
+    /// runc-architect's own: the default delay after start before any hibernation.
+    #[serde(rename = "InitialDelay")]
+    initial_delay: Option<String>,
+    /// runc-architect's own: where hibernation keeps its local images.
+    #[serde(rename = "HibernateDir")]
+    hibernate_dir: Option<PathBuf>,
 }
 
 impl RuntimeOptions {
@@ -114,6 +141,8 @@ impl RuntimeOptions {
                     criu_image_path: non_empty(&o.criu_image_path),
                     criu_work_path: non_empty(&o.criu_work_path),
                     criu_path: None,
+                    hibernation: NodeOptions::default(),
+                    hibernate_dir: None,
                 })
             }
             type_urls::RUNTIME_OPTIONS => {
@@ -151,6 +180,13 @@ impl RuntimeOptions {
             criu_image_path: t.criu_image_path,
             criu_work_path: t.criu_work_path,
             criu_path: t.criu_path,
+            hibernation: NodeOptions {
+                hibernate: t.hibernate,
+                freeze_after: t.freeze_after,
+                scaledown_after: t.scaledown_after,
+                initial_delay: t.initial_delay,
+            },
+            hibernate_dir: t.hibernate_dir,
         })
     }
 

@@ -62,6 +62,8 @@ impl Shim for Service {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT))
             .join(&self.namespace);
         let pid = read_init_pid(&root, &self.id).unwrap_or(0);
+        let state_root = root.parent().map(Path::to_path_buf).unwrap_or_default();
+        crate::hibernate::cleanup_lost(&bundle, &self.namespace, &self.id, &state_root).await;
         if let Err(e) = runc_architect_runtime::container::force_delete(root, self.id.clone()).await
         {
             warn!(id = %self.id, "cleanup of lost container: {e}");

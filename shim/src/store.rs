@@ -21,6 +21,27 @@ pub struct NodeStore {
 }
 
 impl NodeStore {
+    /// Opens the node's default store at `root` when no `StoreConfig` names one (once per
+    /// shim, like [`NodeStore::open`]).
+    pub async fn open_default(&self, root: &Path) -> Result<Arc<Store>, String> {
+        let (_, store) = self
+            .cell
+            .get_or_try_init(|| async {
+                let r = root.to_path_buf();
+                let store = tokio::task::spawn_blocking(move || {
+                    Store::open(&StoreConfig::new(&r)).map_err(|e| {
+                        format!("open the default checkpoint store {}: {e}", r.display())
+                    })
+                })
+                .await
+                .map_err(|e| format!("open checkpoint store: {e}"))??;
+                info!(root = %root.display(), "default checkpoint store open");
+                Ok::<_, String>((root.to_path_buf(), Arc::new(store)))
+            })
+            .await?;
+        Ok(store.clone())
+    }
+
     /// Opens the store configured by `config` (once per shim). A later container naming
     /// another file keeps the first store, with a warning: the store is per node.
     pub async fn open(&self, config: &Path) -> Result<Arc<Store>, String> {

@@ -33,6 +33,7 @@ use crate::events::{not_exited, timestamp, Events};
 use crate::options::RuntimeOptions;
 use crate::store::NodeStore;
 use crate::trim::Trimmer;
+use runc_architect_runtime::hibernate::policy::Settings;
 
 /// File in the bundle recording the options a container was created with, so that the
 /// `delete` bootstrap command can clean up after a lost shim.
@@ -52,6 +53,8 @@ pub struct TaskService {
     trimmer: Trimmer,
     criu: CriuRegistry,
     store: NodeStore,
+    /// Hibernation settings and options of containers created but not started yet.
+    hibernating: std::sync::Mutex<HashMap<String, (Settings, RuntimeOptions)>>,
 }
 
 impl TaskService {
@@ -73,7 +76,14 @@ impl TaskService {
             trimmer: Trimmer::start(),
             criu: CriuRegistry::default(),
             store: NodeStore::default(),
+            hibernating: std::sync::Mutex::default(),
         }
+    }
+
+    fn lock_hibernating(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (Settings, RuntimeOptions)>> {
+        self.hibernating.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reserves `id` for a Create; the reservation ends when the returned guard drops
@@ -162,8 +172,12 @@ fn task_status(s: Status) -> api::Status {
     }
 }
 
-fn write_options_file(bundle: &Path, root: &Path) {
-    let body = serde_json::json!({ "root": root });
+fn write_options_file(bundle: &Path, root: &Path, opts: &RuntimeOptions) {
+    let body = serde_json::json!({
+        "root": root,
+        "hibernate_dir": opts.hibernate_dir,
+        "store_config": opts.store_config,
+    });
     if let Err(e) = std::fs::write(bundle.join(OPTIONS_FILE), body.to_string()) {
         tracing::warn!(bundle = %bundle.display(), "record options: {e}");
     }
@@ -171,9 +185,14 @@ fn write_options_file(bundle: &Path, root: &Path) {
 
 /// Reads the state root recorded at create (for the `delete` bootstrap command).
 pub fn read_options_file(bundle: &Path) -> Option<PathBuf> {
+    recorded_path(bundle, "root")
+}
+
+/// A path recorded at create under `key` (`root`, `hibernate_dir`, `store_config`).
+pub fn recorded_path(bundle: &Path, key: &str) -> Option<PathBuf> {
     let text = std::fs::read_to_string(bundle.join(OPTIONS_FILE)).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("root")?.as_str().map(PathBuf::from)
+    v.get(key)?.as_str().map(PathBuf::from)
 }
 
 #[async_trait]
@@ -201,6 +220,12 @@ impl Task for TaskService {
         }
         let _reservation = self.reserve(&req.id).await?;
         let bundle = PathBuf::from(&req.bundle);
+        // Before anything of the container exists: a malformed annotation fails here.
+        let hibernation = if bundle.join("config.json").exists() {
+            Some(crate::hibernate::settings(&bundle, &opts)?)
+        } else {
+            None
+        };
         if !bundle.is_dir() {
             return Err(status(
                 Code::NOT_FOUND,
@@ -235,6 +260,7 @@ impl Task for TaskService {
                     .map(Path::to_path_buf)
                     .unwrap_or_default()
             }),
+            &opts,
         );
         let stdio = StdioConfig {
             stdin: req.stdin.clone(),
@@ -269,6 +295,10 @@ impl Task for TaskService {
             }
         };
         self.criu.remember(&req.id, &opts);
+        if let Some(settings) = hibernation.filter(|s| s.enabled) {
+            self.lock_hibernating()
+                .insert(req.id.clone(), (settings, opts.clone()));
+        }
         let pid = container.init_pid() as u32;
         self.containers
             .write()
@@ -307,6 +337,22 @@ impl Task for TaskService {
         // The start event is published from the runtime's event stream, which orders it
         // before the process's exit.
         let pid = c.start(&req.exec_id).await.map_err(rt_err)? as u32;
+        if req.exec_id.is_empty() {
+            let pending = self.lock_hibernating().remove(&req.id);
+            if let Some((settings, opts)) = pending {
+                crate::hibernate::start(crate::hibernate::Start {
+                    container: &c,
+                    settings,
+                    opts: &opts,
+                    namespace: &self.namespace,
+                    store: &self.store,
+                    exits: self.exits.clone(),
+                    events: self.runtime_events.clone(),
+                    criu: self.criu.get(&req.id),
+                })
+                .await;
+            }
+        }
         Ok(api::StartResponse {
             pid,
             ..Default::default()
@@ -334,6 +380,8 @@ impl Task for TaskService {
         let _ = std::fs::remove_file(c.bundle().join(OPTIONS_FILE));
         self.containers.write().await.remove(&req.id);
         self.criu.forget(&req.id);
+        self.lock_hibernating().remove(&req.id);
+        crate::hibernate::forget(&req.id);
         let mut ev = TaskDelete::new();
         ev.container_id = req.id.clone();
         ev.pid = pid;
@@ -449,6 +497,12 @@ impl Task for TaskService {
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
         let c = self.container(&req.id).await?;
+        if let Some(h) = c.hibernation() {
+            // A checkpoint asked for through the task API is of the running tree.
+            h.wake()
+                .await
+                .map_err(|e| status(Code::FAILED_PRECONDITION, e.to_string()))?;
+        }
         let mut creq = checkpoint::checkpoint_request(&req, self.criu.get(&req.id))?;
         if creq.work_dir.is_none() {
             // A kubelet checkpoint under our own runtime type (see cri_work_dir); its
@@ -465,7 +519,9 @@ impl Task for TaskService {
     #[instrument(skip_all, fields(id = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all))]
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let c = self.container(&req.id).await?;
-        c.kill(&req.exec_id, req.signal, req.all).map_err(rt_err)?;
+        c.kill(&req.exec_id, req.signal, req.all)
+            .await
+            .map_err(rt_err)?;
         Ok(api::Empty::new())
     }
 

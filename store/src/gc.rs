@@ -22,6 +22,9 @@ pub struct GcOptions {
     pub policy: RetentionPolicy,
     /// Only report what would be done.
     pub dry_run: bool,
+    /// Containers of which nothing is kept, whatever the policy says (a deleted container's
+    /// hibernation checkpoints): every generation goes, and so do chunks only they used.
+    pub forget: Vec<CheckpointKey>,
 }
 
 /// What a collection did (or, dry, would do).
@@ -87,8 +90,9 @@ pub(crate) fn gc(store: &Store, opts: &GcOptions) -> Result<GcReport> {
             })
             .collect();
         gens.sort_by_key(|g| std::cmp::Reverse(g.info.generation));
+        let forgotten = opts.forget.contains(&key);
         for (i, g) in gens.iter_mut().enumerate() {
-            if policy.keep_last.is_some_and(|n| i >= n as usize) {
+            if forgotten || policy.keep_last.is_some_and(|n| i >= n as usize) {
                 g.remove = true;
             }
             if let Some(age) = policy.max_age {

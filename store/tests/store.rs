@@ -442,6 +442,7 @@ fn gc_waits_for_a_writer_in_progress() {
                     ..Default::default()
                 },
                 dry_run: false,
+                ..Default::default()
             };
             let rep = store.gc(&opts).unwrap();
             done.store(true, Ordering::SeqCst);
@@ -586,6 +587,7 @@ fn gc_retention_and_repack() {
                 ..Default::default()
             },
             dry_run: true,
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(
@@ -601,6 +603,7 @@ fn gc_retention_and_repack() {
                 ..Default::default()
             },
             dry_run: false,
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(rep.removed_checkpoints.len(), 3);
@@ -638,6 +641,7 @@ fn gc_retention_and_repack() {
                 ..Default::default()
             },
             dry_run: false,
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(rep.removed_checkpoints, vec!["ns/t/c@4"]);
@@ -649,6 +653,7 @@ fn gc_retention_and_repack() {
                 ..Default::default()
             },
             dry_run: false,
+            ..Default::default()
         })
         .unwrap();
     assert_eq!(rep.removed_checkpoints, vec!["ns/t/c@5"]);
@@ -657,6 +662,57 @@ fn gc_retention_and_repack() {
         (s.checkpoints, s.packs, s.manifests, s.stored_bytes),
         (0, 0, 0, 0)
     );
+    assert!(store.verify().unwrap().is_ok());
+}
+
+/// A deleted container's checkpoints are forgotten: all its generations and the chunks only
+/// they used go; a sibling's checkpoint (sharing chunks with it) stays whole.
+#[test]
+fn gc_forgets_a_container() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open_store(&tmp.path().join("store"), &[]);
+    let shared = random_bytes(1, 64 * 4096);
+    let mut sibling = None;
+    for (c, seed) in [("gone", 2u64), ("kept", 3)] {
+        for g in 0..2u64 {
+            let src = tmp.path().join(format!("{c}{g}"));
+            std::fs::create_dir_all(&src).unwrap();
+            let mut pages = shared.clone();
+            pages.extend(random_bytes(seed * 10 + g, 64 * 4096));
+            std::fs::write(src.join("pages-1.img"), &pages).unwrap();
+            store
+                .put_dir(&key("ns", "t", c), &src, BTreeMap::new())
+                .unwrap();
+            if c == "kept" {
+                sibling = Some(read_tree(&src));
+            }
+        }
+    }
+    let before = store.stats().unwrap();
+    let rep = store
+        .gc(&GcOptions {
+            forget: vec![key("ns", "t", "gone")],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(rep.removed_checkpoints, vec!["ns/t/gone@2", "ns/t/gone@1"]);
+    assert!(store
+        .list(Some("ns"), None, Some("gone"))
+        .unwrap()
+        .is_empty());
+    let after = store.stats().unwrap();
+    assert_eq!(after.checkpoints, 2);
+    // Its manifests and the pack only it used are gone (a pack it shares with the sibling
+    // stays until repacking finds it mostly dead); the shared pages are there for the sibling.
+    assert_eq!(after.manifests, 2, "{after:?}");
+    assert!(after.packs < before.packs, "{before:?} -> {after:?}");
+    assert!(
+        after.stored_bytes < before.stored_bytes * 5 / 6,
+        "{before:?} -> {after:?}"
+    );
+    let out = tmp.path().join("out");
+    get(&store, "ns/t/kept", &out).unwrap();
+    assert_eq!(read_tree(&out), sibling.unwrap());
     assert!(store.verify().unwrap().is_ok());
 }
 

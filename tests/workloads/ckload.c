@@ -27,13 +27,24 @@
  *       Holds a perf event descriptor (which CRIU cannot dump) and writes a counter into
  *       FILE every 100 ms.
  *
+ *   ckload hib PORT FLUSHFILE [perf]
+ *       The hibernation suite's server: one process serving any number of connections on
+ *       PORT with poll(). Every line "X" is answered "n TOTAL X", TOTAL counting the lines
+ *       of all connections since the process started (state that must survive a wake). A
+ *       line starting with "GET " is answered as HTTP (200, "ok", then close) and not
+ *       counted. On SIGTERM it writes "total TOTAL" to FLUSHFILE, fsyncs and exits 0 (a
+ *       graceful shutdown that must not lose anything). With "perf" it also holds a perf
+ *       event descriptor, which CRIU cannot dump.
+ *
  *   ckload pause
  *       What a pod's pause container does as the init of a shared pid namespace: sleeps,
  *       and reaps every child that is re-parented to it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -244,6 +255,103 @@ _Noreturn static void perf(const char *path)
 	}
 }
 
+static volatile sig_atomic_t hib_term;
+
+static void on_term(int sig)
+{
+	(void)sig;
+	hib_term = 1;
+}
+
+#define HIB_MAX 512
+
+_Noreturn static void hib(int port, const char *flush, int with_perf)
+{
+	if (with_perf) {
+		struct perf_event_attr attr;
+		memset(&attr, 0, sizeof(attr));
+		attr.size = sizeof(attr);
+		attr.type = PERF_TYPE_SOFTWARE;
+		attr.config = PERF_COUNT_SW_TASK_CLOCK;
+		attr.exclude_kernel = 1;
+		if (syscall(SYS_perf_event_open, &attr, 0, -1, -1, 0) < 0)
+			die("perf_event_open");
+	}
+	struct sigaction sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_term; /* no SA_RESTART: poll returns EINTR */
+	sigaction(SIGTERM, &sa, NULL);
+	signal(SIGPIPE, SIG_IGN);
+	static struct pollfd fds[HIB_MAX];
+	static char bufs[HIB_MAX][1024];
+	static size_t used[HIB_MAX];
+	int n = 1;
+	unsigned long total = 0;
+	fds[0].fd = listen_on(port);
+	fds[0].events = POLLIN;
+	printf("listening %d\n", port);
+	for (;;) {
+		if (hib_term) {
+			char line[64];
+			int len = snprintf(line, sizeof(line), "total %lu\n", total);
+			int f = open(flush, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+			if (f < 0 || write(f, line, (size_t)len) != len || fsync(f) < 0)
+				die("flush");
+			close(f);
+			exit(0);
+		}
+		if (poll(fds, (nfds_t)n, -1) < 0)
+			continue;
+		if ((fds[0].revents & POLLIN) && n < HIB_MAX) {
+			int c = accept(fds[0].fd, NULL, NULL);
+			if (c >= 0) {
+				fds[n].fd = c;
+				fds[n].events = POLLIN;
+				fds[n].revents = 0;
+				used[n] = 0;
+				n++;
+			}
+		}
+		for (int i = 1; i < n; i++) {
+			if (!(fds[i].revents & (POLLIN | POLLHUP | POLLERR)))
+				continue;
+			ssize_t r = read(fds[i].fd, bufs[i] + used[i], sizeof(bufs[i]) - 1 - used[i]);
+			int done = r <= 0;
+			if (r > 0)
+				used[i] += (size_t)r;
+			char *nl;
+			while (!done && (nl = memchr(bufs[i], '\n', used[i]))) {
+				*nl = 0;
+				if (nl > bufs[i] && nl[-1] == '\r')
+					nl[-1] = 0;
+				char out[1200];
+				int len;
+				if (!strncmp(bufs[i], "GET ", 4)) {
+					len = snprintf(out, sizeof(out), "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
+					done = 1;
+				} else {
+					len = snprintf(out, sizeof(out), "n %lu %s\n", ++total, bufs[i]);
+				}
+				if (write(fds[i].fd, out, (size_t)len) < 0)
+					done = 1;
+				size_t rest = used[i] - (size_t)(nl + 1 - bufs[i]);
+				memmove(bufs[i], nl + 1, rest);
+				used[i] = rest;
+			}
+			if (used[i] >= sizeof(bufs[i]) - 1)
+				done = 1;
+			if (done) {
+				close(fds[i].fd);
+				fds[i] = fds[n - 1];
+				used[i] = used[n - 1];
+				memcpy(bufs[i], bufs[n - 1], used[i]);
+				n--;
+				i--;
+			}
+		}
+	}
+}
+
 static void on_child(int sig)
 {
 	(void)sig;
@@ -277,8 +385,10 @@ int main(int argc, char **argv)
 		lock(argv[2]);
 	if (argc == 3 && !strcmp(argv[1], "perf"))
 		perf(argv[2]);
+	if ((argc == 4 || argc == 5) && !strcmp(argv[1], "hib"))
+		hib(atoi(argv[2]), argv[3], argc == 5 && !strcmp(argv[4], "perf"));
 	if (argc == 2 && !strcmp(argv[1], "pause"))
 		pause_and_reap();
-	fprintf(stderr, "usage: ckload tree STATEFILE | heap MIB PORT | echo PORT | lock FILE | perf FILE | pause\n");
+	fprintf(stderr, "usage: ckload tree STATEFILE | heap MIB PORT | echo PORT | lock FILE | perf FILE | hib PORT FLUSHFILE [perf] | pause\n");
 	return 2;
 }

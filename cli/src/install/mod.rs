@@ -3,8 +3,9 @@
 //! Install puts the shim binary into a binary directory ([`binary`]), merges the handler
 //! table of the matching `RuntimeClass/` snippet ([`snippet`]) into containerd's existing
 //! `config.toml` ([`config`], [`handler`]) with `runtime_path` naming the installed binary and
-//! the `--option` values ([`options`]), then optionally restarts containerd ([`containerd`])
-//! and labels the node for the RuntimeClass's node selector ([`kube`]).
+//! the `--option` values ([`options`]; durations checked by [`duration`]), then optionally
+//! restarts containerd ([`containerd`]) and labels the node for the RuntimeClass's node
+//! selector ([`kube`]).
 //!
 //! Everything that can be refused is checked before anything is written: the options, the
 //! config (parse errors with file, line and column; version 1 refused), the shim binary, the
@@ -22,6 +23,7 @@
 pub mod binary;
 pub mod config;
 pub mod containerd;
+pub mod duration;
 pub mod handler;
 pub mod kube;
 pub mod options;

@@ -1,9 +1,14 @@
 //! The keys `--option KEY=VALUE` may set in the handler's `options` table.
 //!
 //! The table mirrors the shim's `TomlOptions` (shim/src/options.rs): runc's key names plus
-//! runc-architect's own `StoreConfig` and `CriuPath`. It is written out here rather than
-//! shared with the shim crate because the CLI must not pull in libcontainer; the CLI's tests
-//! compare this list with the shim's source so the two cannot drift apart.
+//! runc-architect's own `StoreConfig`, `CriuPath` and the hibernation defaults (`Hibernate`,
+//! `FreezeAfter`, `ScaledownAfter`, `InitialDelay`, `HibernateDir`). It is written out here
+//! rather than shared with the shim crate because the CLI must not pull in libcontainer; the
+//! CLI's tests compare this list with the shim's source so the two cannot drift apart.
+//!
+//! Values are checked as the shim checks them, so that a value it would refuse at every
+//! container create is refused here: booleans are `true` or `false`, paths absolute, and
+//! durations Go's ([`super::duration`], never negative).
 //!
 //! Which keys reach the shim depends on the handler's form: with our own runtime type CRI
 //! sends the whole table as TOML and the shim reads every key below; registered as
@@ -11,6 +16,7 @@
 //! (`containerd.runc.v1.Options`) and silently drops keys runc's options do not have, so
 //! runc-architect's own keys are refused in that form instead of being lost.
 
+use super::duration::{self, DurationError};
 use super::snippet::Form;
 
 /// The TOML type of an option's value.
@@ -22,6 +28,8 @@ enum Kind {
     Path,
     /// An unsigned 32-bit integer (uid, gid).
     U32,
+    /// A Go-style duration (`500ms`, `2s`, `1m30s`, `0`), not negative; written as a string.
+    Duration,
 }
 
 impl Kind {
@@ -31,6 +39,7 @@ impl Kind {
             Kind::String => "a string",
             Kind::Path => "an absolute path",
             Kind::U32 => "an integer from 0 to 4294967295",
+            Kind::Duration => "a Go duration such as 500ms, 2s or 1m30s (0 for none)",
         }
     }
 }
@@ -64,6 +73,11 @@ const KNOWN: &[KnownKey] = &[
     key("CriuWorkPath", Kind::Path, true),
     key("CriuPath", Kind::Path, false),
     key("StoreConfig", Kind::Path, false),
+    key("Hibernate", Kind::Bool, false),
+    key("FreezeAfter", Kind::Duration, false),
+    key("ScaledownAfter", Kind::Duration, false),
+    key("InitialDelay", Kind::Duration, false),
+    key("HibernateDir", Kind::Path, false),
 ];
 
 /// A typed option value, written into the TOML table as such.
@@ -95,6 +109,13 @@ pub enum OptionError {
         key: String,
         value: String,
         expected: &'static str,
+    },
+    #[error("--option {key}={value}: {key} takes {expected}: {reason}")]
+    Duration {
+        key: String,
+        value: String,
+        expected: &'static str,
+        reason: DurationError,
     },
     #[error("--option {key} is given more than once")]
     Duplicate { key: String },
@@ -178,6 +199,16 @@ fn parse(spec: &str, form: Form) -> Result<(String, OptionValue), OptionError> {
             }
             OptionValue::String(s)
         }
+        Kind::Duration => {
+            let s = unquote(raw).ok_or_else(type_err)?;
+            duration::check_non_negative(&s).map_err(|reason| OptionError::Duration {
+                key: key.to_string(),
+                value: raw.to_string(),
+                expected: known.kind.describe(),
+                reason,
+            })?;
+            OptionValue::String(s)
+        }
     };
     if key == "SystemdCgroup" && value == OptionValue::Bool(true) {
         return Err(OptionError::SystemdCgroup);
@@ -216,6 +247,11 @@ mod tests {
                 "IoUid=1000",
                 "StoreConfig=\"/etc/ra/store.toml\"",
                 "BinaryName=",
+                "Hibernate=true",
+                "FreezeAfter=500ms",
+                "ScaledownAfter='1m30s'",
+                "InitialDelay=0",
+                "HibernateDir=/var/lib/ra/hib",
             ]),
             Form::Native,
         )
@@ -231,6 +267,14 @@ mod tests {
                     OptionValue::String("/etc/ra/store.toml".into())
                 ),
                 ("BinaryName".into(), OptionValue::String(String::new())),
+                ("Hibernate".into(), OptionValue::Bool(true)),
+                ("FreezeAfter".into(), OptionValue::String("500ms".into())),
+                ("ScaledownAfter".into(), OptionValue::String("1m30s".into())),
+                ("InitialDelay".into(), OptionValue::String("0".into())),
+                (
+                    "HibernateDir".into(),
+                    OptionValue::String("/var/lib/ra/hib".into())
+                ),
             ]
         );
     }
@@ -248,6 +292,16 @@ mod tests {
         assert!(err("Root='/x", Form::Native).contains("absolute path"));
         assert!(err("SystemdCgroup=true", Form::Native).contains("systemd"));
         assert!(err("Root", Form::Native).contains("KEY=VALUE"));
+        assert_eq!(
+            err("FreezeAfter=2x", Form::Native),
+            "--option FreezeAfter=2x: FreezeAfter takes a Go duration such as 500ms, 2s or \
+             1m30s (0 for none): unknown unit \"x\""
+        );
+        assert!(err("InitialDelay=-1s", Form::Native).contains("negative"));
+        assert!(err("ScaledownAfter=60", Form::Native).contains("missing unit"));
+        assert!(err("Hibernate=yes", Form::Native).contains("true or false"));
+        assert!(err("HibernateDir=hib", Form::Native).contains("absolute path"));
+        assert!(err("Hibernate=true", Form::AsRunc).contains("have no Hibernate"));
         let dup = parse_all(&specs(&["Root=/a", "Root=/b"]), Form::Native).unwrap_err();
         assert!(dup.to_string().contains("more than once"));
         assert!(is_known("CriuPath", Form::Native));

@@ -13,7 +13,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::freezer::{self, Snapshot, FREEZE_TIMEOUT};
 use super::meta::{DumpRecord, StdioRecord, RECORD_VERSION};
 use super::mounts::{self, parse_mountinfo};
-use super::netlock::LockWatch;
+use super::netlock::{self, LockWatch};
 use super::spawner::ShimSpawner;
 use super::{
     restrict_tree, CheckpointError, CheckpointRequest, NetworkLock, DUMP_LOG, EXT_NET_NS_KEY,
@@ -124,7 +124,8 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
         opts = opts.external(m.dump_key());
     }
 
-    // Namespaces joined by path belong to someone else (a pod): external.
+    // Namespaces joined by path belong to someone else (a pod): external. So is the
+    // container's own network namespace when the caller keeps it.
     let mut external_net_ns = false;
     let mut external_pid_ns = false;
     for ns in spec
@@ -133,7 +134,8 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
         .and_then(|l| l.namespaces().clone())
         .unwrap_or_default()
     {
-        if ns.path().is_none() {
+        let kept = req.keep_netns && ns.typ() == LinuxNamespaceType::Network;
+        if ns.path().is_none() && !kept {
             continue;
         }
         let (name, key) = match ns.typ() {
@@ -263,6 +265,17 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
             // (The tree's own namespace went with the tree, lock included.)
             if watch.holds_lock() && external_net_ns {
                 record.locked_netns = Some(netns_ino);
+            }
+            // The tree's own namespace was saved with our lock in place: the images must
+            // hold the namespace's own rules, not the lock (netlock's module docs).
+            if !external_net_ns {
+                let scrubbed = netlock::scrub_rule_images(&req.image_dir).map_err(|e| {
+                    CheckpointError::io(id, "cut the runtime's rules out of", &req.image_dir, e)
+                })?;
+                debug!(
+                    images = scrubbed.len(),
+                    "runtime's rules cut out of saved rules"
+                );
             }
             record.save(&req.image_dir).map_err(|e| {
                 CheckpointError::io(id, "write checkpoint record in", &req.image_dir, e)

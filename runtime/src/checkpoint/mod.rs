@@ -249,6 +249,10 @@ pub struct CheckpointRequest {
     /// (none is re-created fresh at restore) and runc's `descriptors.json` is written next
     /// to our record.
     pub portable: bool,
+    /// The container's own network namespace outlives the dump (hibernation: the shim
+    /// holds it): it is declared external like a pod's, so the restore goes back into it
+    /// with its addresses, routes and listening ports where clients expect them.
+    pub keep_netns: bool,
 }
 
 /// What can go wrong checkpointing or restoring a container.

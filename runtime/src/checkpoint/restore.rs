@@ -88,6 +88,55 @@ pub struct RestoreConfig {
     pub criu: CriuConfig,
 }
 
+/// Where a restore puts the tree.
+pub(crate) enum Target {
+    /// A new container (Create with a checkpoint): state directory, cgroups and stdio are
+    /// made as for a cold start.
+    New,
+    /// The hibernated init of a container that still exists: its state directory and
+    /// cgroups are there, and so are its stdio pipes, which the shim held while the tree
+    /// slept (fds 0-2 of the dumped init, in that order); the network namespace the dump
+    /// declared external is `netns` when the spec names none (the container's own, held
+    /// by the shim).
+    Existing {
+        stdio: [OwnedFd; 3],
+        netns: Option<std::fs::File>,
+    },
+}
+
+/// The restored tree: its pid, its exit registration, and for a new container its stdio.
+pub(crate) struct RestoredTree {
+    pub pid: i32,
+    pub exited: tokio::sync::oneshot::Receiver<i32>,
+    pub io: Option<ProcessIo>,
+}
+
+/// Restores the images of `cfg` into `target` (no new [`Container`]): the hibernation
+/// wake-up.
+pub(crate) async fn restore_tree(
+    cfg: &RestoreConfig,
+    target: Target,
+    exits: &ExitWatcher,
+) -> Result<RestoredTree> {
+    let span = info_span!("restore", container = %cfg.create.id);
+    async {
+        let mut undo = Undo {
+            keep_container: matches!(target, Target::Existing { .. }),
+            ..Default::default()
+        };
+        match attempt(cfg, target, exits, &mut undo).await {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                warn!(error = %e, "restore failed");
+                undo.run().await;
+                Err(e)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
 /// Restores the checkpoint in `cfg.image_dir` as the running init of a new container.
 pub async fn restore(
     cfg: RestoreConfig,
@@ -101,6 +150,9 @@ pub async fn restore(
 /// What a failed restore must undo.
 #[derive(Default)]
 struct Undo {
+    /// The target container exists (hibernation): its state and cgroups are not ours to
+    /// remove.
+    keep_container: bool,
     state_dir: Option<PathBuf>,
     criu_root: Option<PathBuf>,
     /// Fresh tmpfs mounts CRIU binds into the container (see [`FRESH_TMPFS`]).
@@ -130,6 +182,9 @@ impl Undo {
             io.close();
         }
         self.unmount_staging();
+        if self.keep_container {
+            return;
+        }
         if let Some((manager, unified)) = self.cgroups.take() {
             if let Err(e) = manager.remove() {
                 warn!("remove cgroups of failed restore: {e}");
@@ -150,8 +205,8 @@ async fn run(
     events: UnboundedSender<RuntimeEvent>,
 ) -> Result<Arc<Container>> {
     let mut undo = Undo::default();
-    match attempt(&cfg, &exits, &mut undo).await {
-        Ok(restored) => Ok(restored.finish(cfg, exits, events)),
+    match attempt(&cfg, Target::New, &exits, &mut undo).await {
+        Ok(restored) => Restored::from_tree(restored, &cfg).map(|r| r.finish(cfg, exits, events)),
         Err(e) => {
             warn!(error = %e, "restore failed");
             undo.run().await;
@@ -168,6 +223,21 @@ struct Restored {
 }
 
 impl Restored {
+    fn from_tree(t: RestoredTree, cfg: &RestoreConfig) -> Result<Restored> {
+        let io = t.io.ok_or_else(|| {
+            CheckpointError::runtime(
+                &cfg.create.id,
+                "stdio",
+                "a new container's restore made no stdio",
+            )
+        })?;
+        Ok(Restored {
+            pid: t.pid,
+            io,
+            exited: t.exited,
+        })
+    }
+
     fn finish(
         self,
         cfg: RestoreConfig,
@@ -185,33 +255,63 @@ impl Restored {
     }
 }
 
-async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> Result<Restored> {
-    let started = Instant::now();
-    let id = cfg.create.id.as_str();
-    let bundle = &cfg.create.bundle;
-    let spec = load_spec(id, bundle)?;
-    let image_err = |reason: String| CheckpointError::Image {
-        id: id.into(),
+/// What the images and the bundle say about a restore, before anything is changed.
+struct Plan {
+    spec: oci_spec::runtime::Spec,
+    record: DumpRecord,
+    work_dir: PathBuf,
+    youki: YoukiConfig,
+    terminal: bool,
+}
+
+impl Plan {
+    fn load(cfg: &RestoreConfig) -> Result<Plan> {
+        let id = cfg.create.id.as_str();
+        let spec = load_spec(id, &cfg.create.bundle)?;
+        let record = DumpRecord::load(&cfg.image_dir)
+            .map_err(|r| image_err(cfg, r))?
+            .ok_or_else(|| {
+                image_err(
+                    cfg,
+                    "no checkpoint record (runc-architect-checkpoint.json or descriptors.json): \
+                     not a container checkpoint"
+                        .into(),
+                )
+            })?;
+        // CRIU would spin forever on a pages file that is cut short.
+        images::check_pages(&cfg.image_dir).map_err(|r| image_err(cfg, r))?;
+        let youki = YoukiConfig::from_spec(&spec, id)
+            .map_err(|e| CheckpointError::runtime(id, "cgroup path from spec", e))?;
+        let terminal = record.terminal
+            || spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.terminal())
+                .unwrap_or(false);
+        Ok(Plan {
+            work_dir: cfg
+                .work_dir
+                .clone()
+                .unwrap_or_else(|| cfg.image_dir.clone()),
+            spec,
+            record,
+            youki,
+            terminal,
+        })
+    }
+}
+
+fn image_err(cfg: &RestoreConfig, reason: String) -> CheckpointError {
+    CheckpointError::Image {
+        id: cfg.create.id.clone(),
         path: cfg.image_dir.clone(),
         reason,
-    };
-    let record = DumpRecord::load(&cfg.image_dir)
-        .map_err(&image_err)?
-        .ok_or_else(|| {
-            image_err(
-                "no checkpoint record (runc-architect-checkpoint.json or descriptors.json): \
-                 not a container checkpoint"
-                    .into(),
-            )
-        })?;
-    // CRIU would spin forever on a pages file that is cut short.
-    images::check_pages(&cfg.image_dir).map_err(&image_err)?;
-    let work_dir = cfg
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| cfg.image_dir.clone());
+    }
+}
 
-    // libcontainer's state directory, as a create would make it.
+/// libcontainer's state directory of a new container, as a create would make it.
+fn new_state_dir(cfg: &RestoreConfig, undo: &mut Undo) -> Result<PathBuf> {
+    let id = cfg.create.id.as_str();
     std::fs::create_dir_all(&cfg.create.state_root)
         .map_err(|e| CheckpointError::io(id, "create state root", &cfg.create.state_root, e))?;
     let state_dir = cfg.create.state_root.join(id);
@@ -225,11 +325,13 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         }
         Err(e) => return Err(CheckpointError::io(id, "create", &state_dir, e)),
     }
+    Ok(state_dir)
+}
 
-    // Cgroups: made from the spec (with its limits) the moment CRIU is spawned.
-    let youki = YoukiConfig::from_spec(&spec, id)
-        .map_err(|e| CheckpointError::runtime(id, "cgroup path from spec", e))?;
-    let cgroup_path = youki.cgroup_path.clone();
+/// The container's cgroups (made from the spec, with its limits, or the ones a hibernated
+/// container kept), and what joins CRIU to them the moment it is spawned.
+fn cgroups_for(id: &str, plan: &Plan, undo: &mut Undo) -> Result<AfterSpawn> {
+    let cgroup_path = plan.youki.cgroup_path.clone();
     let manager = Arc::new(
         libcgroups::common::create_cgroup_manager(CgroupConfig {
             cgroup_path: cgroup_path.clone(),
@@ -242,75 +344,125 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         cgroups::Mode::Hybrid => cgroups::unified_root().map(|r| join_rel(r, &cgroup_path)),
         _ => None,
     };
-    undo.cgroups = Some((manager.clone(), unified_dir.clone()));
-    let resources = spec
+    undo.cgroups = Some((manager.clone(), unified_dir));
+    let resources = plan
+        .spec
         .linux()
         .as_ref()
         .and_then(|l| l.resources().clone())
         .unwrap_or_default();
-    let join: AfterSpawn = {
-        let manager = manager.clone();
-        Arc::new(move |pid| {
-            manager
-                .add_task(Pid::from_raw(pid))
-                .map_err(std::io::Error::other)?;
-            manager
-                .apply(&ControllerOpt {
-                    resources: &resources,
-                    disable_oom_killer: resources
-                        .memory()
-                        .as_ref()
-                        .and_then(|m| m.disable_oom_killer())
-                        .unwrap_or(false),
-                    oom_score_adj: None,
-                    freezer_state: None,
-                })
-                .map_err(std::io::Error::other)?;
-            cgroups::join_unified_like_v1(pid).map_err(std::io::Error::other)
-        })
-    };
+    Ok(Arc::new(move |pid| {
+        manager
+            .add_task(Pid::from_raw(pid))
+            .map_err(std::io::Error::other)?;
+        manager
+            .apply(&ControllerOpt {
+                resources: &resources,
+                disable_oom_killer: resources
+                    .memory()
+                    .as_ref()
+                    .and_then(|m| m.disable_oom_killer())
+                    .unwrap_or(false),
+                oom_score_adj: None,
+                freezer_state: None,
+            })
+            .map_err(std::io::Error::other)?;
+        cgroups::join_unified_like_v1(pid).map_err(std::io::Error::other)
+    }))
+}
 
-    // CRIU's root must be a mount point: the rootfs containerd had us mount is one; a
-    // bundle's plain rootfs directory is bind-mounted into the state directory first.
-    // Using the mounted rootfs as it is leaves nothing to clean up should the shim die
-    // in the middle of the restore.
-    let rootfs = rootfs_of(bundle, &spec);
-    mounts::ensure_mountpoints(&rootfs, &spec)
+/// CRIU's root, which must be a mount point: the rootfs containerd had us mount is one; a
+/// bundle's plain rootfs directory is bind-mounted into the state directory first. Using
+/// the mounted rootfs as it is leaves nothing to clean up should the shim die in the
+/// middle of the restore.
+fn criu_root(
+    id: &str,
+    plan: &Plan,
+    bundle: &Path,
+    state_dir: &Path,
+    undo: &mut Undo,
+) -> Result<PathBuf> {
+    let rootfs = rootfs_of(bundle, &plan.spec);
+    mounts::ensure_mountpoints(&rootfs, &plan.spec)
         .map_err(|e| CheckpointError::io(id, "create mount points in", &rootfs, e))?;
-    let criu_root = if is_mount_point(&rootfs) {
-        rootfs.clone()
-    } else {
-        let criu_root = state_dir.join(CRIU_ROOT);
-        std::fs::create_dir(&criu_root)
-            .map_err(|e| CheckpointError::io(id, "create", &criu_root, e))?;
-        nix::mount::mount(
-            Some(&rootfs),
-            &criu_root,
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| CheckpointError::io(id, "bind-mount the rootfs on", &criu_root, e.into()))?;
-        undo.criu_root = Some(criu_root.clone());
-        criu_root
-    };
+    if is_mount_point(&rootfs) {
+        return Ok(rootfs);
+    }
+    let criu_root = state_dir.join(CRIU_ROOT);
+    std::fs::create_dir(&criu_root)
+        .map_err(|e| CheckpointError::io(id, "create", &criu_root, e))?;
+    nix::mount::mount(
+        Some(&rootfs),
+        &criu_root,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| CheckpointError::io(id, "bind-mount the rootfs on", &criu_root, e.into()))?;
+    undo.criu_root = Some(criu_root.clone());
+    Ok(criu_root)
+}
 
-    // New stdio, as for a cold start; CRIU re-attaches it by the dumped pipes' inodes.
+/// The stdio the restored init gets: for a new container fresh pipes (or a console
+/// socket) from [`ProcessIo`], as for a cold start; for a hibernated one the pipes the
+/// shim held. CRIU re-attaches them by the dumped pipes' inodes.
+struct StdioPlan {
+    /// Descriptors to hand to CRIU for fds 0-2 (when the init has no terminal).
+    fds: Option<[RawFd; 3]>,
+    console_socket: Option<PathBuf>,
+    /// Our ends for a new container, kept until the restored tree holds its own.
+    child: Option<crate::io::ChildStdio>,
+    held: Option<[OwnedFd; 3]>,
+}
+
+fn stdio_for(
+    cfg: &RestoreConfig,
+    held: Option<[OwnedFd; 3]>,
+    undo: &mut Undo,
+) -> Result<StdioPlan> {
+    if let Some(held) = held {
+        let fds = [
+            held[0].as_raw_fd(),
+            held[1].as_raw_fd(),
+            held[2].as_raw_fd(),
+        ];
+        return Ok(StdioPlan {
+            fds: Some(fds),
+            console_socket: None,
+            child: None,
+            held: Some(held),
+        });
+    }
     let (io, child) = ProcessIo::prepare(&cfg.create.stdio, &std::env::temp_dir())
-        .map_err(|e| CheckpointError::runtime(id, "prepare stdio", e))?;
-    let child_fds: Option<[RawFd; 3]> = child.fds().map(|f| [f.stdin, f.stdout, f.stderr]);
-    let console_socket = child.console_socket.clone();
+        .map_err(|e| CheckpointError::runtime(&cfg.create.id, "prepare stdio", e))?;
     undo.io = Some(io);
+    Ok(StdioPlan {
+        fds: child.fds().map(|f| [f.stdin, f.stdout, f.stderr]),
+        console_socket: child.console_socket.clone(),
+        child: Some(child),
+        held: None,
+    })
+}
 
-    let terminal = record.terminal
-        || spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.terminal())
-            .unwrap_or(false);
+/// CRIU's restore options: the record's, the stdio to inherit, the external mounts
+/// (fresh tmpfs mounts made for the ones that were empty at dump), the namespaces.
+/// Returns them with the external network namespace, if any.
+#[allow(clippy::too_many_arguments)]
+fn criu_options(
+    cfg: &RestoreConfig,
+    plan: &Plan,
+    criu_root: &Path,
+    state_dir: &Path,
+    stdio: &StdioPlan,
+    kept_netns: Option<std::fs::File>,
+    undo: &mut Undo,
+) -> Result<(CriuOptions, Option<std::fs::File>)> {
+    let id = cfg.create.id.as_str();
+    let record = &plan.record;
+    let cgroup_path = &plan.youki.cgroup_path;
     let mut opts = CriuOptions::new()
         .images_dir(&cfg.image_dir)
-        .work_dir(&work_dir)
+        .work_dir(&plan.work_dir)
         .log_file(RESTORE_LOG)
         .log_level(cfg.criu.log_level)
         .root(criu_root.to_string_lossy())
@@ -322,13 +474,13 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         .shell_job(record.shell_job)
         .file_locks(record.file_locks)
         .network_lock(record.network_lock.criu())
-        .orphan_pts_master(terminal);
+        .orphan_pts_master(plan.terminal);
     if record.cgroups_mode.managed() {
         opts = opts.cg_root(None, cgroup_path.to_string_lossy());
     }
 
     let mut seen = HashSet::new();
-    if let Some(fds) = child_fds {
+    if let Some(fds) = stdio.fds {
         for (n, rec) in record.stdio.iter().enumerate().take(3) {
             let Some(key) = rec.inherit_key.clone() else {
                 continue;
@@ -345,28 +497,26 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
     let externals = if record.is_inferred() {
         let host = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| CheckpointError::io(id, "read", "/proc/self/mountinfo", e))?;
-        mounts::runc_externals(&spec, &mounts::parse_mountinfo(&host))
+        mounts::runc_externals(&plan.spec, &mounts::parse_mountinfo(&host))
     } else {
         record.external_mounts.clone()
     };
     let cgroup_dir = |controller: &str| -> Option<PathBuf> {
         if controller.is_empty() {
-            cgroups::unified_root().map(|r| join_rel(r, &cgroup_path))
+            cgroups::unified_root().map(|r| join_rel(r, cgroup_path))
         } else {
             Some(join_rel(
                 &Path::new("/sys/fs/cgroup").join(controller),
-                &cgroup_path,
+                cgroup_path,
             ))
         }
     };
-    // Fresh tmpfs mounts for the ones that were empty at dump.
     let mut fresh = HashMap::new();
     for (n, ext) in externals.iter().enumerate() {
         let MountSource::Tmpfs(t) = &ext.source else {
             continue;
         };
-        let base = state_dir.join(FRESH_TMPFS);
-        let dir = base.join(n.to_string());
+        let dir = state_dir.join(FRESH_TMPFS).join(n.to_string());
         std::fs::create_dir_all(&dir).map_err(|e| CheckpointError::io(id, "create", &dir, e))?;
         t.mount(&dir).map_err(|e| {
             let _ = std::fs::remove_dir(&dir);
@@ -375,18 +525,19 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         undo.fresh_tmpfs.push(dir.clone());
         fresh.insert(ext.destination.clone(), dir);
     }
-    for ext in
-        mounts::restore_externals(&externals, &spec, cgroup_dir, &fresh).map_err(&image_err)?
+    for ext in mounts::restore_externals(&externals, &plan.spec, cgroup_dir, &fresh)
+        .map_err(|r| image_err(cfg, r))?
     {
         opts = opts.external(ext);
     }
 
     // Namespaces joined by path: network and pid were external at dump; the others are
-    // joined as they are.
-    let mut net_given = false;
+    // joined as they are. A network namespace of the container's own that the shim kept
+    // (hibernation) is external too.
     let mut external_netns: Option<std::fs::File> = None;
     let mut pid_given = false;
-    for ns in spec
+    for ns in plan
+        .spec
         .linux()
         .as_ref()
         .and_then(|l| l.namespaces().clone())
@@ -396,21 +547,18 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
             continue;
         };
         let open = |what: &'static str| {
-            std::fs::File::open(&path)
-                .map(OwnedFd::from)
-                .map_err(|e| CheckpointError::io(id, what, &path, e))
+            std::fs::File::open(&path).map_err(|e| CheckpointError::io(id, what, &path, e))
         };
         match ns.typ() {
             LinuxNamespaceType::Network => {
                 if record.external_net_ns || record.is_inferred() {
-                    opts = opts.inherit_fd(EXT_NET_NS_KEY, open("open network namespace")?);
-                    external_netns = Some(std::fs::File::from(open("open network namespace")?));
-                    net_given = true;
+                    external_netns = Some(open("open network namespace")?);
                 }
             }
             LinuxNamespaceType::Pid => {
                 if record.external_pid_ns || record.is_inferred() {
-                    opts = opts.inherit_fd(EXT_PID_NS_KEY, open("open pid namespace")?);
+                    opts =
+                        opts.inherit_fd(EXT_PID_NS_KEY, OwnedFd::from(open("open pid namespace")?));
                     pid_given = true;
                 }
             }
@@ -426,19 +574,61 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
             }
         }
     }
-    if record.external_net_ns && !net_given {
-        return Err(image_err(
-            "the checkpoint joined an existing network namespace, but the restoring spec \
-             names none"
-                .into(),
-        ));
+    if external_netns.is_none() && record.external_net_ns {
+        external_netns = kept_netns;
+    }
+    match &external_netns {
+        Some(ns) => {
+            let fd = ns
+                .try_clone()
+                .map_err(|e| CheckpointError::io(id, "duplicate", "the network namespace", e))?;
+            opts = opts.inherit_fd(EXT_NET_NS_KEY, OwnedFd::from(fd));
+        }
+        None if record.external_net_ns => {
+            return Err(image_err(
+                cfg,
+                "the checkpoint joined an existing network namespace, but the restoring spec \
+                 names none"
+                    .into(),
+            ))
+        }
+        None => {}
     }
     if record.external_pid_ns && !pid_given {
         return Err(image_err(
+            cfg,
             "the checkpoint joined an existing pid namespace, but the restoring spec names none"
                 .into(),
         ));
     }
+    Ok((opts, external_netns))
+}
+
+async fn attempt(
+    cfg: &RestoreConfig,
+    target: Target,
+    exits: &ExitWatcher,
+    undo: &mut Undo,
+) -> Result<RestoredTree> {
+    let started = Instant::now();
+    let id = cfg.create.id.as_str();
+    let bundle = &cfg.create.bundle;
+    let plan = Plan::load(cfg)?;
+    let (held, kept_netns) = match target {
+        Target::New => (None, None),
+        Target::Existing { stdio, netns } => (Some(stdio), netns),
+    };
+    let existing = held.is_some();
+    let state_dir = if existing {
+        cfg.create.state_root.join(id)
+    } else {
+        new_state_dir(cfg, undo)?
+    };
+    let join = cgroups_for(id, &plan, undo)?;
+    let criu_root = criu_root(id, &plan, bundle, &state_dir, undo)?;
+    let mut stdio = stdio_for(cfg, held, undo)?;
+    let (opts, external_netns) =
+        criu_options(cfg, &plan, &criu_root, &state_dir, &stdio, kept_netns, undo)?;
 
     let prepared = started.elapsed();
     let spawner = Arc::new(ShimSpawner::new(exits.clone()).after_spawn(join));
@@ -447,11 +637,11 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         .stderr(CriuStderr::Null);
     // The dump may have left this namespace locked for us (the runtime's lock); CRIU's
     // own lock, if the checkpoint used it, is CRIU's to lift.
-    let inherited_lock = match (&external_netns, record.locked_netns) {
+    let inherited_lock = match (&external_netns, plan.record.locked_netns) {
         (Some(ns), Some(locked)) => ns.metadata().map(|m| m.ino() == locked).unwrap_or(false),
         _ => false,
     };
-    let mut handler = LockWatch::new(exits.clone(), record.network_lock, external_netns);
+    let mut handler = LockWatch::new(exits.clone(), plan.record.network_lock, external_netns);
     if inherited_lock {
         handler = handler.inherit_lock();
     }
@@ -489,7 +679,7 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
     undo.unmount_staging();
 
     if let Some(master) = handler.pts_master.take() {
-        let sock = console_socket.clone().ok_or_else(|| {
+        let sock = stdio.console_socket.clone().ok_or_else(|| {
             CheckpointError::runtime(
                 id,
                 "re-attach terminal",
@@ -498,7 +688,7 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         })?;
         send_fd(&sock, &master)
             .map_err(|e| CheckpointError::io(id, "hand the pty master to", &sock, e))?;
-    } else if console_socket.is_some() {
+    } else if stdio.console_socket.is_some() {
         return Err(CheckpointError::runtime(
             id,
             "re-attach terminal",
@@ -506,31 +696,27 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         ));
     }
     // The process holds its ends now; ours must go so that EOF works.
-    drop(child);
-    let mut io = undo
-        .io
-        .take()
-        .ok_or_else(|| CheckpointError::runtime(id, "stdio", "stdio vanished during restore"))?;
-    if let Err(e) = io.start(&cfg.create.stdio).await {
+    stdio.child.take();
+    stdio.held.take();
+    if let Some(mut io) = undo.io.take() {
+        if let Err(e) = io.start(&cfg.create.stdio).await {
+            undo.io = Some(io);
+            return Err(CheckpointError::runtime(id, "start stdio copies", e));
+        }
         undo.io = Some(io);
-        return Err(CheckpointError::runtime(id, "start stdio copies", e));
     }
-    undo.io = Some(io);
 
-    write_state(id, bundle, &state_dir, pid, &youki)?;
+    write_state(id, bundle, &state_dir, pid, &plan.youki)?;
 
     let (pid, exited) = undo
         .restored
         .take()
         .ok_or_else(|| CheckpointError::runtime(id, "restore", "restored pid lost"))?;
-    let io = undo
-        .io
-        .take()
-        .ok_or_else(|| CheckpointError::runtime(id, "stdio", "stdio vanished during restore"))?;
+    let io = undo.io.take();
     // Success: nothing to undo any more.
     *undo = Undo::default();
 
-    let phases = stats::restore_phases(&work_dir).ok();
+    let phases = stats::restore_phases(&plan.work_dir).ok();
     info!(
         pid,
         prepare_ms = ms(prepared),
@@ -540,7 +726,7 @@ async fn attempt(cfg: &RestoreConfig, exits: &ExitWatcher, undo: &mut Undo) -> R
         total_ms = ms(started.elapsed()),
         "restored"
     );
-    Ok(Restored { pid, io, exited })
+    Ok(RestoredTree { pid, exited, io })
 }
 
 /// Whether `path` is a mount point in this mount namespace.
