@@ -397,10 +397,19 @@ pub fn reap_stale_dirs() {
             continue;
         }
         let dir = e.path();
-        let owner: Option<i32> = std::fs::read_to_string(dir.join(OWNER_FILE))
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
-        if owner.is_some_and(cleanup::is_alive) {
+        // The owner's pid is part of the name (`TAG-PID-SEQ`), so a directory that another
+        // thread has just created, before its owner file is written, is never taken for a
+        // stale one (its daemon would be killed during its start-up).
+        let from_name: Option<i32> = name
+            .strip_prefix(DIR_PREFIX)
+            .and_then(|rest| rest.split('-').nth(1))
+            .and_then(|p| p.parse().ok());
+        let owner: Option<i32> = from_name.or_else(|| {
+            std::fs::read_to_string(dir.join(OWNER_FILE))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        });
+        if owner.is_some_and(|p| p == std::process::id() as i32 || cleanup::is_alive(p)) {
             continue;
         }
         let namespaces: Vec<String> = std::fs::read_to_string(dir.join(NAMESPACES_FILE))

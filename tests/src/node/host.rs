@@ -3,8 +3,8 @@
 //! run, [`HostState::check_after`] after the nodes were dropped.
 //!
 //! Recorded: link names, named network namespaces, iptables chains and rules, mount points,
-//! everything below /run/containerd, /var/lib/cni and /run/netns, the top-level cgroups of
-//! every hierarchy. A new item fails the check when it looks like a node's (its directories,
+//! everything below /run/containerd, /var/lib/cni, /run/netns and /var/lib/runc-architect,
+//! the top-level cgroups of every hierarchy. A new item fails the check when it looks like a node's (its directories,
 //! cgroup parents, bridge, veths, CNI's netns, chains and files, CRI's namespace); other new
 //! items (other suites running on the machine meanwhile: the ctr harness's shim sockets,
 //! checkpoint tests' named netns) are only printed. `RA_NODE_HOST_CHECK=0` turns the check
@@ -18,7 +18,12 @@ use crate::cleanup;
 use crate::process;
 
 /// The global paths whose entries are recorded.
-const WATCHED_PATHS: &[&str] = &["/run/containerd", "/var/lib/cni", "/run/netns"];
+const WATCHED_PATHS: &[&str] = &[
+    "/run/containerd",
+    "/var/lib/cni",
+    "/run/netns",
+    "/var/lib/runc-architect",
+];
 
 /// A snapshot of the host (see the module docs).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -122,6 +127,7 @@ pub fn from_a_node(item: &str) -> bool {
         "netns cni-",
         "CNI-",
         "/var/lib/cni",
+        "/var/lib/runc-architect",
         "/run/netns/cni-",
         "k8s.io",
     ]

@@ -6,7 +6,7 @@
 //! every hierarchy (a container's, or any with processes: empty pod-level cgroups are the
 //! kubelet's to remove, as on a real node); shim state and sockets under the node's
 //! private /run/containerd, pod network namespaces in its /run/netns, CNI results in its
-//! /var/lib/cni; veths in the node's network namespace; iptables rules of CNI's per-pod
+//! /var/lib/cni, hibernation images and checkpoints in its /var/lib/runc-architect; veths in the node's network namespace; iptables rules of CNI's per-pod
 //! chains; host-local IP reservations.
 
 use std::collections::BTreeSet;
@@ -170,6 +170,11 @@ fn private_files(node: &Node, out: &mut Vec<String>) {
             usize::MAX
         };
         for p in files_below(&private, min_dir_depth) {
+            if global.as_os_str() == namespaces::RUNC_ARCHITECT_LIB
+                && !is_container_data(&private, &p)
+            {
+                continue;
+            }
             let inside = global.join(p.strip_prefix(&private).unwrap_or(&p));
             out.push(format!(
                 "{} (in the node's {})",
@@ -178,6 +183,22 @@ fn private_files(node: &Node, out: &mut Vec<String>) {
             ));
         }
     }
+}
+
+/// Whether `p`, below runc-architect's private data directory `lib`, holds something of a
+/// container: hibernation images (`hibernate/`), or a checkpoint in the default store (a
+/// pack, a manifest, a generation record or latest pointer). The store's own files (its
+/// format marker, locks, a namespace's encryption state) stay after its last container.
+fn is_container_data(lib: &Path, p: &Path) -> bool {
+    let rel = p.strip_prefix(lib).unwrap_or(p);
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    rel.starts_with("hibernate")
+        || rel.starts_with("store/packs")
+        || rel.starts_with("store/manifests")
+        || (rel.starts_with("store/index") && (name.starts_with("gen-") || name == ".latest"))
 }
 
 fn node_output(node: &Node, program: &str, args: &[&str]) -> Result<String, String> {

@@ -467,6 +467,55 @@ impl Node {
         process::run(cmd, None, Duration::from_secs(60))?.ok()
     }
 
+    /// runc-architect's default state `Root` inside the node (`/run/containerd/runc-architect`,
+    /// private to the node), as the host sees it: where `runc-architect status` reads.
+    pub fn architect_root(&self) -> PathBuf {
+        self.layout
+            .private_dir(Path::new("/run/containerd"))
+            .join("runc-architect")
+    }
+
+    /// runc-architect's default store inside the node (`/var/lib/runc-architect/store`), as
+    /// the host sees it.
+    pub fn architect_store(&self) -> PathBuf {
+        self.layout
+            .private_dir(Path::new(namespaces::RUNC_ARCHITECT_LIB))
+            .join("store")
+    }
+
+    /// `runc-architect status --json` for the node's shims: one record per container with
+    /// hibernation on.
+    pub fn hibernation_status(&self) -> Result<Vec<serde_json::Value>> {
+        let RegisteredBy::Installer(cli) = &self.registered_by;
+        let mut cmd = Command::new(cli);
+        cmd.args(["status", "--json", "--root"])
+            .arg(self.architect_root());
+        let out = process::run(cmd, None, Duration::from_secs(20))?
+            .ok()
+            .context("runc-architect status --json")?;
+        let v: serde_json::Value = serde_json::from_str(&out.stdout_str())
+            .with_context(|| format!("status --json printed {:?}", out.stdout_str()))?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// `runc-architect store ls --json` of the node's default store (what it holds).
+    pub fn store_entries(&self) -> Result<String> {
+        let RegisteredBy::Installer(cli) = &self.registered_by;
+        let store = self.architect_store();
+        if !store.exists() {
+            return Ok(String::new());
+        }
+        let mut cmd = Command::new(cli);
+        cmd.arg("store")
+            .arg("--root")
+            .arg(&store)
+            .args(["ls", "--json"]);
+        let out = process::run(cmd, None, Duration::from_secs(20))?
+            .ok()
+            .context("runc-architect store ls --json")?;
+        Ok(out.stdout_str())
+    }
+
     /// What a test left in the node (see [`leftovers`]); empty when clean.
     pub fn leftovers(&self) -> Vec<String> {
         leftovers::leftovers(self)

@@ -43,8 +43,18 @@ use crate::process::{self, shell_join};
 /// - /run/containerd: the stock shim's sockets (`s/`), runc's and runc-architect's default
 ///   state roots (`runc/`, `runc-architect/`);
 /// - /var/lib/cni: libcni's cache (results of ADD, used by DEL);
-/// - /run/netns (also reached as /var/run/netns): CRI's pod network namespace mounts.
-pub const PRIVATE_PATHS: &[&str] = &["/run/containerd", "/var/lib/cni", "/run/netns"];
+/// - /run/netns (also reached as /var/run/netns): CRI's pod network namespace mounts;
+/// - /var/lib/runc-architect: runc-architect's default `HibernateDir` (`hibernate/`) and
+///   default store (`store/`), so a node runs hibernation with the defaults a user gets.
+pub const PRIVATE_PATHS: &[&str] = &[
+    "/run/containerd",
+    "/var/lib/cni",
+    "/run/netns",
+    RUNC_ARCHITECT_LIB,
+];
+
+/// runc-architect's default data directory (see [`PRIVATE_PATHS`]).
+pub const RUNC_ARCHITECT_LIB: &str = "/var/lib/runc-architect";
 
 /// Default time limit for [`connect_tcp`].
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

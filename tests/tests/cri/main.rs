@@ -29,6 +29,7 @@
 
 mod checkpoint;
 mod exec;
+mod hibernation;
 mod lifecycle;
 mod logs;
 mod network;
@@ -63,6 +64,7 @@ fn scenarios() -> Vec<Scenario> {
     v.extend(resources::scenarios());
     v.extend(network::scenarios());
     v.extend(checkpoint::scenarios());
+    v.extend(hibernation::scenarios());
     let mut seen = BTreeSet::new();
     for s in &v {
         assert!(seen.insert(s.name), "scenario name {} used twice", s.name);
