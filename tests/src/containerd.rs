@@ -136,6 +136,11 @@ impl Containerd {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        // The shim's CRIU log level (see the shim's checkpoint module), for a look at
+        // CRIU's own timestamps when a run is investigated.
+        if let Some(level) = std::env::var_os("RA_CRIU_LOG_LEVEL") {
+            cmd.env("RA_CRIU_LOG_LEVEL", level);
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("start {}", version.containerd_bin().display()))?;
