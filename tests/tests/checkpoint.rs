@@ -503,9 +503,15 @@ fn cgroup_mounts_and_device(cx: &Ctx) -> Result<()> {
     )?;
     cx.wait_number(&id, "/tmp/count", 3)?;
     // Every v1 hierarchy mounted, each holding the container's init (pid 1 inside).
+    // /dev entry for entry (type, mode, owner, device number, time); what is mounted
+    // below it only by name.
     let script = "stat -c '%n %F %t:%T %a' /dev/net/tun; ls /sys/fs/cgroup; \
                   for d in /sys/fs/cgroup/*/; do \
                     [ -f $d/cgroup.procs ] && grep -qx 1 $d/cgroup.procs && echo \"init in $d\"; \
+                  done; \
+                  dev=$(stat -c %d /dev); find /dev -xdev | sort | while read f; do \
+                    if [ \"$(stat -c %d $f)\" = $dev ]; then stat -c 'dev: %n %F %a %u %g %t:%T %Y' $f; \
+                    else echo \"dev: $f mounted\"; fi; \
                   done; true";
     let before = cx.exec(&id, &["sh", "-c", script])?;
     ensure!(
@@ -526,9 +532,24 @@ fn cgroup_mounts_and_device(cx: &Ctx) -> Result<()> {
             .collect()
     };
     ensure!(
+        before.contains("dev: /dev/null character special file 666 0 0 1:3")
+            && before.contains("dev: /dev/net directory"),
+        "the workload's /dev before the checkpoint:\n{before}"
+    );
+    ensure!(
         compared(&before) == compared(&after),
         "the view differs after restore:\n--- before\n{before}\n--- after\n{after}"
     );
+    // Our shim made that /dev itself, without CRIU archiving it.
+    if cx.env.runtime == ARCHITECT_RUNTIME {
+        let log = cx.env.containerd.log_tail(usize::MAX);
+        ensure!(
+            log.lines().any(|l| l.contains("tmpfs without data")
+                && l.trim_end().ends_with("destination=/dev")
+                && l.contains(&id)),
+            "no data-less /dev at the dump in containerd's log"
+        );
+    }
     cx.wait_number(&id, "/tmp/count", 1)?;
     cx.remove(&id)
 }

@@ -220,17 +220,17 @@ async fn dump(container: &Container, exits: &ExitWatcher, req: CheckpointRequest
     }
     opts = opts.freeze_cgroup(freezer.path().to_string_lossy());
 
-    // Frozen, nothing can fill a tmpfs any more: empty ones are re-created fresh at
-    // restore instead of archived (mountinfo read again: it is final now). Not for
+    // Frozen, nothing can change a tmpfs any more: the ones without data are re-created
+    // at restore instead of archived (mountinfo read again: it is final now). Not for
     // portable images: runc archives every tmpfs and would not know how to re-create one.
     if !req.portable {
         match std::fs::read_to_string(&mountinfo_path) {
             Ok(text) => {
                 let root = PathBuf::from(format!("/proc/{pid}/root"));
                 for m in
-                    mounts::empty_tmpfs(&parse_mountinfo(&text), &root, &record.external_mounts)
+                    mounts::dataless_tmpfs(&parse_mountinfo(&text), &root, &record.external_mounts)
                 {
-                    debug!(destination = %m.destination, "empty tmpfs: re-created at restore");
+                    info!(destination = %m.destination, "tmpfs without data: re-created at restore");
                     opts = opts.external(m.dump_key());
                     record.external_mounts.push(m);
                 }

@@ -15,9 +15,13 @@
 //!   host, a cgroup v1 controller bound from the host: external with a fixed source;
 //! - anything else (fresh mounts, binds of those): CRIU's.
 //!
-//! Once the container is frozen, tmpfs mounts that are empty ([`empty_tmpfs`]) are added
-//! as external too: the restore mounts a fresh tmpfs with the same options for each
-//! ([`FreshTmpfs`]) rather than CRIU archiving and unpacking nothing.
+//! Once the container is frozen, tmpfs mounts that hold no data ([`dataless_tmpfs`]: empty
+//! ones, and ones with only directories, device nodes, symlinks, fifos and empty files,
+//! such as a container's `/dev`) are added as external too: the restore mounts a fresh
+//! tmpfs with the same options for each and re-creates those entries itself
+//! ([`FreshTmpfs`]), rather than CRIU archiving them with `tar` and `gzip` processes at
+//! dump and unpacking them with two more at restore (a few milliseconds a mount, on the
+//! path of every wake).
 //!
 //! A checkpoint runc made did not record its externals: [`runc_externals`] infers the ones
 //! runc declares from the restoring spec.
@@ -111,12 +115,12 @@ pub enum MountSource {
     Device,
     /// The container's own cgroup of this v1 controller (`""` for cgroup v2).
     Cgroup { controller: String },
-    /// A fresh tmpfs the restore mounts with the same options: the tmpfs was empty at
-    /// dump (see [`empty_tmpfs`]).
+    /// A fresh tmpfs the restore mounts with the same options and fills with the entries
+    /// the tmpfs held at dump (it held no data: see [`dataless_tmpfs`]).
     Tmpfs(FreshTmpfs),
 }
 
-/// How to re-create a tmpfs that was empty at dump.
+/// How to re-create a tmpfs that held no data at dump.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FreshTmpfs {
     /// The mount's source name (`tmpfs`, `shm`).
@@ -128,6 +132,96 @@ pub struct FreshTmpfs {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// What it held, parents before children (none: it was empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<TmpfsEntry>,
+    /// Its root's modification time at dump (seconds, nanoseconds), when it held entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_mtime: Option<(i64, i64)>,
+}
+
+/// One inode of a data-less tmpfs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TmpfsEntry {
+    /// Its path below the tmpfs root, relative (`pts`, `fd`, `net/tun`).
+    pub path: String,
+    pub kind: EntryKind,
+    /// Permission bits (with setuid, setgid, sticky).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, i64),
+}
+
+/// What a [`TmpfsEntry`] is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EntryKind {
+    Dir,
+    /// An empty regular file (also the mount point of a file mounted over it).
+    File,
+    Symlink {
+        target: String,
+    },
+    Char {
+        rdev: u64,
+    },
+    Block {
+        rdev: u64,
+    },
+    Fifo,
+}
+
+/// At most this many entries are re-created by hand; a fuller tmpfs is left to CRIU.
+const MAX_TMPFS_ENTRIES: usize = 512;
+
+impl TmpfsEntry {
+    /// Creates this entry below `root` (a fresh, private tmpfs of ours), with its mode and
+    /// owner. Its time is set by [`FreshTmpfs::mount`] once everything exists.
+    fn create(&self, root: &Path) -> std::io::Result<PathBuf> {
+        use nix::sys::stat::{mknod, SFlag};
+        use std::os::unix::fs::PermissionsExt;
+        let rel = Path::new(&self.path);
+        if rel.as_os_str().is_empty()
+            || !rel.components().all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("tmpfs entry {:?}: not a plain relative path", self.path),
+            ));
+        }
+        let path = root.join(rel);
+        let perm = Mode::from_bits_truncate(self.mode & 0o7777);
+        match &self.kind {
+            EntryKind::Dir => std::fs::create_dir(&path)?,
+            EntryKind::File => {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)?;
+            }
+            EntryKind::Symlink { target } => std::os::unix::fs::symlink(target, &path)?,
+            EntryKind::Char { rdev } => mknod(&path, SFlag::S_IFCHR, perm, *rdev)?,
+            EntryKind::Block { rdev } => mknod(&path, SFlag::S_IFBLK, perm, *rdev)?,
+            EntryKind::Fifo => nix::unistd::mkfifo(&path, perm)?,
+        }
+        std::os::unix::fs::lchown(&path, Some(self.uid), Some(self.gid))?;
+        if !matches!(self.kind, EntryKind::Symlink { .. }) {
+            // After the chown, which clears setuid and setgid; the umask is undone too.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(self.mode & 0o7777))?;
+        }
+        Ok(path)
+    }
+}
+
+/// Sets the access and modification time of `path` (not following a symlink) to `t`.
+fn set_mtime(path: &Path, t: (i64, i64)) -> std::io::Result<()> {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    let ts = TimeSpec::new(t.0, t.1);
+    utimensat(None, path, &ts, &ts, UtimensatFlags::NoFollowSymlink)?;
+    Ok(())
 }
 
 impl FreshTmpfs {
@@ -162,6 +256,17 @@ impl FreshTmpfs {
         }
         if (md.uid(), md.gid()) != (self.uid, self.gid) {
             std::os::unix::fs::chown(at, Some(self.uid), Some(self.gid))?;
+        }
+        let mut made = Vec::with_capacity(self.entries.len());
+        for e in &self.entries {
+            made.push(e.create(at)?);
+        }
+        // Children first: creating an entry touches its directory's time.
+        for (e, path) in self.entries.iter().zip(&made).rev() {
+            set_mtime(path, e.mtime)?;
+        }
+        if let Some(t) = self.root_mtime {
+            set_mtime(at, t)?;
         }
         if self.read_only {
             mount(
@@ -322,19 +427,23 @@ pub fn runc_externals(spec: &Spec, host_mounts: &[MountInfo]) -> Vec<ExternalMou
     out
 }
 
-/// The tmpfs mounts of a frozen container that are empty: CRIU would archive each with a
-/// `tar` and a `gzip` process at dump and unpack it with two more at restore (about 3 ms
-/// a mount there); declared external instead, the restore mounts a fresh one
-/// ([`FreshTmpfs`]). Typical: the read-only tmpfs over masked directories, an unused
-/// `/dev/shm` or `/run`.
+/// The tmpfs mounts of a frozen container that hold no data: CRIU would archive each with
+/// a `tar` and a `gzip` process at dump and unpack it with two more at restore (about 3 ms
+/// a mount there); declared external instead, the restore mounts a fresh one and
+/// re-creates what it held ([`FreshTmpfs`]). Typical: a container's `/dev` (device nodes,
+/// symlinks and the mount points of `pts`, `shm`, `mqueue`), the read-only tmpfs over
+/// masked directories, an unused `/dev/shm` or `/run`.
 ///
-/// `mounts` is the container's mountinfo read while it is frozen (nothing can fill a
+/// `mounts` is the container's mountinfo read while it is frozen (nothing can change a
 /// tmpfs between the check and the dump), `root` its root as seen from here
 /// (`/proc/PID/root`), `taken` the externals already chosen. A tmpfs qualifies when it is
-/// mounted whole, exactly once, with nothing mounted below it, and holds no inode but
-/// its root and no block: an unlinked file still open, or still mapped, keeps an inode
-/// and fails the test.
-pub fn empty_tmpfs(
+/// mounted whole once (its other mounts, if any, binds of entries in it, as runtimes
+/// mask `/proc/kcore` and the like with their `/dev/null`: CRIU binds them again from
+/// the fresh one), uses no block, and every inode it holds is found by walking it: directories, device nodes, symlinks, fifos, empty regular files with one
+/// link, and the mount points of the mounts below it (recorded, not entered). An
+/// unlinked file still open or mapped, a hard link, a socket, anything hidden below a
+/// mount point, or more than [`MAX_TMPFS_ENTRIES`] entries leave it to CRIU.
+pub fn dataless_tmpfs(
     mounts: &[MountInfo],
     root: &Path,
     taken: &[ExternalMount],
@@ -347,12 +456,17 @@ pub fn empty_tmpfs(
             || m.root != "/"
             || dest == "/"
             || taken.iter().any(|t| t.destination == dest)
-            || mounts.iter().filter(|o| o.dev == m.dev).count() != 1
-            || mounts.iter().any(|o| {
-                let d = norm(&o.mount_point);
-                d != dest && d.starts_with(&dest) && d.as_bytes().get(dest.len()) == Some(&b'/')
-            })
         {
+            continue;
+        }
+        // Other mounts of this tmpfs may only be binds of what is in it (a runtime masks
+        // paths with binds of its /dev/null); CRIU binds them again from the new one.
+        let binds: Vec<&str> = mounts
+            .iter()
+            .filter(|o| o.dev == m.dev && !std::ptr::eq(*o, m))
+            .map(|o| o.root.trim_start_matches('/'))
+            .collect();
+        if binds.iter().any(|r| r.is_empty()) {
             continue;
         }
         let path = root.join(dest.trim_start_matches('/'));
@@ -363,16 +477,28 @@ pub fn empty_tmpfs(
             continue;
         };
         let dev = format!("{}:{}", libc::major(md.dev()), libc::minor(md.dev()));
+        if dev != m.dev || !md.is_dir() || fs.blocks() != fs.blocks_free() {
+            continue;
+        }
+        let below: std::collections::HashSet<String> = mounts
+            .iter()
+            .map(|o| norm(&o.mount_point))
+            .filter(|d| d.starts_with(&dest) && d.as_bytes().get(dest.len()) == Some(&b'/'))
+            .map(|d| d[dest.len() + 1..].to_string())
+            .collect();
+        let mut entries = Vec::new();
+        if walk_tmpfs(&path, "", md.dev(), &below, &mut entries).is_none()
+            || !binds.iter().all(|r| entries.iter().any(|e| e.path == *r))
+        {
+            continue;
+        }
+        // Every inode in use is the root or an entry found: nothing is hidden.
         let inodes = fs.files();
-        let empty = dev == m.dev
-            && md.is_dir()
-            && inodes > 0
-            && inodes - fs.files_free() == 1
-            && fs.blocks() == fs.blocks_free();
-        if !empty {
+        if inodes == 0 || inodes - fs.files_free() != entries.len() as u64 + 1 {
             continue;
         }
         let opts: Vec<&str> = m.super_options.split(',').collect();
+        let root_mtime = (!entries.is_empty()).then(|| (md.mtime(), md.mtime_nsec()));
         out.push(ExternalMount {
             destination: dest,
             source: MountSource::Tmpfs(FreshTmpfs {
@@ -387,10 +513,96 @@ pub fn empty_tmpfs(
                 mode: md.mode() & 0o7777,
                 uid: md.uid(),
                 gid: md.gid(),
+                entries,
+                root_mtime,
             }),
         });
     }
     out
+}
+
+/// Appends the entries of the directory `dir` (`rel` below the tmpfs root, on device
+/// `dev`) to `out`, parents first, in name order. `None` when something in it is not
+/// re-creatable (see [`dataless_tmpfs`]).
+fn walk_tmpfs(
+    dir: &Path,
+    rel: &str,
+    dev: u64,
+    below: &std::collections::HashSet<String>,
+    out: &mut Vec<TmpfsEntry>,
+) -> Option<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir)
+        .ok()?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    names.sort();
+    for name in names {
+        if out.len() >= MAX_TMPFS_ENTRIES {
+            return None;
+        }
+        let name = name.to_str()?;
+        let child_rel = if rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let path = dir.join(name);
+        let md = std::fs::symlink_metadata(&path).ok()?;
+        let entry = |kind, mode: u32, uid, gid, mtime| TmpfsEntry {
+            path: child_rel.clone(),
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+        };
+        if below.contains(&child_rel) {
+            // A mount point: what is mounted there hides the tmpfs' own inode, which
+            // is a directory or an empty file, made as runtimes make them.
+            let (kind, mode) = if md.is_dir() {
+                (EntryKind::Dir, 0o755)
+            } else {
+                (EntryKind::File, 0o644)
+            };
+            out.push(entry(kind, mode, 0, 0, (0, 0)));
+            continue;
+        }
+        if md.dev() != dev {
+            return None;
+        }
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            EntryKind::Dir
+        } else if ft.is_symlink() {
+            EntryKind::Symlink {
+                target: std::fs::read_link(&path).ok()?.to_str()?.to_string(),
+            }
+        } else if ft.is_char_device() {
+            EntryKind::Char { rdev: md.rdev() }
+        } else if ft.is_block_device() {
+            EntryKind::Block { rdev: md.rdev() }
+        } else if ft.is_fifo() {
+            EntryKind::Fifo
+        } else if ft.is_file() && md.len() == 0 && md.nlink() == 1 {
+            EntryKind::File
+        } else {
+            return None;
+        };
+        let is_dir = kind == EntryKind::Dir;
+        out.push(entry(
+            kind,
+            md.mode() & 0o7777,
+            md.uid(),
+            md.gid(),
+            (md.mtime(), md.mtime_nsec()),
+        ));
+        if is_dir {
+            walk_tmpfs(&path, &child_rel, dev, below, out)?;
+        }
+    }
+    Some(())
 }
 
 /// The `--external mnt[KEY]:SOURCE` values of a restore: each external mount mapped to
@@ -702,15 +914,15 @@ mod tests {
                 .filter(|m| Path::new(&m.mount_point) == dir)
                 .collect()
         };
-        let found = empty_tmpfs(&ours(&dump), Path::new("/"), &[]);
+        let found = dataless_tmpfs(&ours(&dump), Path::new("/"), &[]);
         let file = dump.join("f");
         std::fs::write(&file, b"x").unwrap();
-        let with_file = empty_tmpfs(&ours(&dump), Path::new("/"), &[]);
+        let with_file = dataless_tmpfs(&ours(&dump), Path::new("/"), &[]);
         let open = std::fs::File::open(&file).unwrap();
         std::fs::remove_file(&file).unwrap();
-        let with_unlinked = empty_tmpfs(&ours(&dump), Path::new("/"), &[]);
+        let with_unlinked = dataless_tmpfs(&ours(&dump), Path::new("/"), &[]);
         drop(open);
-        let again = empty_tmpfs(&ours(&dump), Path::new("/"), &[]);
+        let again = dataless_tmpfs(&ours(&dump), Path::new("/"), &[]);
         nix::mount::umount2(&dump, nix::mount::MntFlags::MNT_DETACH).unwrap();
 
         assert_eq!(found.len(), 1, "{found:?}");
@@ -739,6 +951,175 @@ mod tests {
         assert_eq!(info.len(), 1);
         assert_eq!(info[0].super_options, "ro,size=1024k,mode=750");
         assert!(write.is_err(), "the read-only tmpfs took a write");
+    }
+
+    /// A real tmpfs shaped like a container's `/dev` (needs root): directories, device
+    /// nodes, symlinks, a fifo, an empty file and a mount below it are found and come back
+    /// entry for entry (type, mode, owner, device number, target, time); data, a hard link
+    /// or something hidden under the mount point leave it to CRIU.
+    #[test]
+    fn recreates_a_dev_like_tmpfs_entry_for_entry() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to mount");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("ra-devfs-test-{}", std::process::id()));
+        let (dump, fresh) = (base.join("dump"), base.join("fresh"));
+        std::fs::create_dir_all(&dump).unwrap();
+        std::fs::create_dir_all(&fresh).unwrap();
+        let tmpfs = |at: &Path, opts: &str| {
+            nix::mount::mount(
+                Some("tmpfs"),
+                at,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some(opts),
+            )
+            .unwrap()
+        };
+        tmpfs(&dump, "size=65536k,mode=755");
+        let null = libc::makedev(1, 3);
+        nix::sys::stat::mknod(
+            &dump.join("null"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            null,
+        )
+        .unwrap();
+        std::fs::set_permissions(dump.join("null"), std::fs::Permissions::from_mode(0o666))
+            .unwrap();
+        std::os::unix::fs::symlink("/proc/self/fd", dump.join("fd")).unwrap();
+        std::fs::create_dir(dump.join("pts")).unwrap();
+        std::fs::create_dir(dump.join("net")).unwrap();
+        nix::unistd::mkfifo(&dump.join("net/pipe"), Mode::from_bits_truncate(0o600)).unwrap();
+        std::fs::write(dump.join("console"), b"").unwrap();
+        std::os::unix::fs::chown(dump.join("console"), Some(5), Some(5)).unwrap();
+        set_mtime(&dump.join("net"), (1_000_000, 5)).unwrap();
+        tmpfs(&dump.join("pts"), "size=1m");
+        // A path masked with a bind of its null, as runtimes mask /proc/kcore.
+        let masked = base.join("kcore");
+        std::fs::write(&masked, b"").unwrap();
+        let bind = |from: &Path, to: &Path| {
+            nix::mount::mount(
+                Some(from),
+                to,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .unwrap()
+        };
+        bind(&dump.join("null"), &masked);
+        let ours = |dir: &Path| -> Vec<MountInfo> {
+            let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            parse_mountinfo(&text)
+                .into_iter()
+                .filter(|m| {
+                    Path::new(&m.mount_point).starts_with(dir)
+                        || Path::new(&m.mount_point) == masked
+                })
+                .collect()
+        };
+        let found = dataless_tmpfs(&ours(&dump), Path::new("/"), &[]);
+        // The mount below is empty itself: found too, on its own.
+        let dev: Vec<&ExternalMount> = found
+            .iter()
+            .filter(|e| Path::new(&e.destination) == dump)
+            .collect();
+        let hidden = {
+            nix::mount::umount2(&dump.join("pts"), nix::mount::MntFlags::MNT_DETACH).unwrap();
+            std::fs::write(dump.join("pts/under"), b"").unwrap();
+            tmpfs(&dump.join("pts"), "size=1m");
+            let h = dataless_tmpfs(&ours(&dump), Path::new("/"), &[]);
+            nix::mount::umount2(&dump.join("pts"), nix::mount::MntFlags::MNT_DETACH).unwrap();
+            std::fs::remove_file(dump.join("pts/under")).unwrap();
+            tmpfs(&dump.join("pts"), "size=1m");
+            h
+        };
+        // A bind of the whole tmpfs in the masked path's place, through which its
+        // inodes can be reached and changed: not re-creatable.
+        let whole = {
+            nix::mount::umount2(&masked, nix::mount::MntFlags::MNT_DETACH).unwrap();
+            std::fs::remove_file(&masked).unwrap();
+            std::fs::create_dir(&masked).unwrap();
+            bind(&dump, &masked);
+            let w = dataless_tmpfs(&ours(&dump), Path::new("/"), &[]);
+            nix::mount::umount2(&masked, nix::mount::MntFlags::MNT_DETACH).unwrap();
+            w
+        };
+        std::fs::hard_link(dump.join("console"), dump.join("link")).unwrap();
+        let linked = dataless_tmpfs(&ours(&dump), Path::new("/"), &[]);
+        std::fs::remove_file(dump.join("link")).unwrap();
+        std::fs::write(dump.join("data"), b"x").unwrap();
+        let with_data = dataless_tmpfs(&ours(&dump), Path::new("/"), &[]);
+        std::fs::remove_file(dump.join("data")).unwrap();
+
+        let listing = |root: &Path| -> Vec<(String, u32, u32, u32, u64, i64, String)> {
+            let mut v = Vec::new();
+            for rel in ["null", "fd", "pts", "net", "net/pipe", "console"] {
+                let p = root.join(rel);
+                let md = std::fs::symlink_metadata(&p).unwrap();
+                let target = std::fs::read_link(&p)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_default();
+                // A symlink's time is not kept; nor is that of the directory under a
+                // mount point, which the container never sees (its mount covers it).
+                let mtime = if md.file_type().is_symlink() || rel == "pts" {
+                    0
+                } else {
+                    md.mtime()
+                };
+                v.push((
+                    rel.to_string(),
+                    md.mode(),
+                    md.uid(),
+                    md.gid(),
+                    md.rdev(),
+                    mtime,
+                    target,
+                ));
+            }
+            v
+        };
+        nix::mount::umount2(&dump.join("pts"), nix::mount::MntFlags::MNT_DETACH).unwrap();
+        let before = listing(&dump);
+        let (made, made_info) = match dev.first().map(|e| &e.source) {
+            Some(MountSource::Tmpfs(t)) => {
+                t.mount(&fresh).unwrap();
+                let l = listing(&fresh);
+                let info = ours(&fresh);
+                nix::mount::umount2(&fresh, nix::mount::MntFlags::MNT_DETACH).unwrap();
+                (l, info)
+            }
+            other => {
+                nix::mount::umount2(&dump, nix::mount::MntFlags::MNT_DETACH).unwrap();
+                panic!("no data-less tmpfs found: {other:?} in {found:?}")
+            }
+        };
+        nix::mount::umount2(&dump, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+
+        assert_eq!(made, before);
+        assert_eq!(made_info[0].super_options, "rw,size=65536k,mode=755");
+        let t = match &dev[0].source {
+            MountSource::Tmpfs(t) => t,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(t.entries.len(), 6, "{:?}", t.entries);
+        assert!(t
+            .entries
+            .iter()
+            .any(|e| e.path == "null" && e.kind == EntryKind::Char { rdev: null }));
+        let in_dump = |v: &[ExternalMount]| v.iter().any(|e| Path::new(&e.destination) == dump);
+        assert!(in_dump(&found), "a bind of its null made it unusable");
+        assert!(!in_dump(&whole), "a bind of the whole tmpfs went unnoticed");
+        assert!(
+            !in_dump(&hidden),
+            "a file under the mount point went unnoticed"
+        );
+        assert!(!in_dump(&linked), "a hard link was taken");
+        assert!(!in_dump(&with_data), "a file with data was taken");
     }
 
     #[test]
