@@ -128,6 +128,12 @@ fn main() -> Result<()> {
         version.series()
     );
     println!("architect shim: {}", containerd.architect_shim().display());
+    // A wake moves CRIU into the container's cgroups; without `favordynmods` the first move
+    // waits for an RCU grace period (see the shim's spawner).
+    println!(
+        "cgroup2 favordynmods: {}",
+        if favordynmods() { "on" } else { "off" }
+    );
     let bench = Bench {
         containerd,
         ctr,
@@ -552,6 +558,20 @@ fn stock_restores(b: &Bench, ns: &NetNs, w: &Workload, rounds: usize) -> Result<
 }
 
 /// One wake from SCALED_DOWN.
+/// Whether a cgroup2 hierarchy is mounted with `favordynmods` (the cgroup threadgroup lock
+/// is global: one such mount is enough).
+fn favordynmods() -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(2) == Some(&"cgroup2")
+                && f.get(3)
+                    .is_some_and(|o| o.split(',').any(|o| o == "favordynmods"))
+        })
+}
+
 #[derive(Default)]
 struct Wake {
     /// Client: connect to the end of the answer.
@@ -564,6 +584,8 @@ struct Wake {
     criu_ms: Option<f64>,
     criu_forking_ms: Option<f64>,
     criu_restore_ms: Option<f64>,
+    /// Moving CRIU into the container's cgroups, before its request.
+    cgroup_join_ms: Option<f64>,
     restore_total_ms: Option<f64>,
 }
 
@@ -679,6 +701,7 @@ fn scaled_down_wakes(b: &Bench, ns: &NetNs, w: &Workload, rounds: usize) -> Resu
                 criu_ms: field(&criu, "criu_ms"),
                 criu_forking_ms: field(&criu, "criu_forking_ms"),
                 criu_restore_ms: field(&criu, "criu_restore_ms"),
+                cgroup_join_ms: field(&criu, "cgroup_join_ms"),
                 restore_total_ms: field(&criu, "total_ms"),
             });
         }
@@ -934,14 +957,16 @@ fn report_wakes(
     let criu = med_of(&wakes.wakes, |x| x.criu_ms);
     let forking = med_of(&wakes.wakes, |x| x.criu_forking_ms);
     let crestore = med_of(&wakes.wakes, |x| x.criu_restore_ms);
+    let join = med_of(&wakes.wakes, |x| x.cgroup_join_ms);
     lines.push(format!(
         "{n:<10} where the wake goes (medians): client {wake:.1} ms = tree restore {tree:.1} \
          (images check {:.1} + restore {total:.1}: prepare {prepare:.1}, CRIU request {criu:.1} \
-         [CRIU forking {forking:.1}, CRIU restore {crestore:.1}, CRIU start/exit {:.1}], finish {:.1}) \
+         [CRIU forking {forking:.1}, CRIU restore {crestore:.1}, CRIU moved into the cgroups {join:.1}, \
+         CRIU start/exit {:.1}], finish {:.1}) \
          + the rest {:.1} (the SYN seen, the held packets let through, the app answering); \
          the shim's own record (last_wake_ms, until the hold is gone) {shim:.1} ms",
         tree - total,
-        criu - crestore,
+        criu - crestore - join,
         total - prepare - criu,
         wake - tree,
     ));

@@ -721,6 +721,7 @@ async fn attempt(
         pid,
         prepare_ms = ms(prepared),
         criu_ms = ms(criu_elapsed),
+        cgroup_join_ms = spawner.hook_time().map(ms),
         criu_forking_ms = phases.map(|p| ms(p.forking)),
         criu_restore_ms = phases.map(|p| ms(p.restore)),
         total_ms = ms(started.elapsed()),
