@@ -439,8 +439,9 @@ pub fn runc_externals(spec: &Spec, host_mounts: &[MountInfo]) -> Vec<ExternalMou
 /// (`/proc/PID/root`), `taken` the externals already chosen. A tmpfs qualifies when it is
 /// mounted whole once (its other mounts, if any, binds of entries in it, as runtimes
 /// mask `/proc/kcore` and the like with their `/dev/null`: CRIU binds them again from
-/// the fresh one), uses no block, and every inode it holds is found by walking it: directories, device nodes, symlinks, fifos, empty regular files with one
-/// link, and the mount points of the mounts below it (recorded, not entered). An
+/// the fresh one), uses no block, and every inode it holds is found by walking it:
+/// directories, device nodes, symlinks, fifos, empty regular files with one link, and
+/// the mount points of the mounts below it (recorded, not entered). An
 /// unlinked file still open or mapped, a hard link, a socket, anything hidden below a
 /// mount point, or more than [`MAX_TMPFS_ENTRIES`] entries leave it to CRIU.
 pub fn dataless_tmpfs(
@@ -884,6 +885,18 @@ mod tests {
         assert!(restore_externals(&ext, &other, |_| None, &HashMap::new()).is_err());
     }
 
+    /// Mounts a tmpfs named `source` on `at` with `opts` (tests run as root).
+    fn mount_tmpfs(source: &str, at: &Path, opts: &str) {
+        nix::mount::mount(
+            Some(source),
+            at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(opts),
+        )
+        .unwrap()
+    }
+
     /// A real tmpfs (needs root): empty is found, a file or an unlinked open file is not;
     /// the fresh one comes back with the same options, mode, owner and read-only flag.
     #[test]
@@ -897,14 +910,7 @@ mod tests {
         let (dump, fresh) = (base.join("dump"), base.join("fresh"));
         std::fs::create_dir_all(&dump).unwrap();
         std::fs::create_dir_all(&fresh).unwrap();
-        nix::mount::mount(
-            Some("scratch"),
-            &dump,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            Some("size=1m,mode=750"),
-        )
-        .unwrap();
+        mount_tmpfs("scratch", &dump, "size=1m,mode=750");
         std::fs::set_permissions(&dump, std::fs::Permissions::from_mode(0o1777)).unwrap();
         std::os::unix::fs::chown(&dump, Some(65534), Some(65534)).unwrap();
         let ours = |dir: &Path| -> Vec<MountInfo> {
@@ -968,16 +974,7 @@ mod tests {
         let (dump, fresh) = (base.join("dump"), base.join("fresh"));
         std::fs::create_dir_all(&dump).unwrap();
         std::fs::create_dir_all(&fresh).unwrap();
-        let tmpfs = |at: &Path, opts: &str| {
-            nix::mount::mount(
-                Some("tmpfs"),
-                at,
-                Some("tmpfs"),
-                nix::mount::MsFlags::empty(),
-                Some(opts),
-            )
-            .unwrap()
-        };
+        let tmpfs = |at: &Path, opts: &str| mount_tmpfs("tmpfs", at, opts);
         tmpfs(&dump, "size=65536k,mode=755");
         let null = libc::makedev(1, 3);
         nix::sys::stat::mknod(
