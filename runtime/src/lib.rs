@@ -1,7 +1,8 @@
-//! Containers for the runc-architect shim, run by embedded libcontainer.
+//! Containers for the runc-architect shim, run by embedded libcontainer, with their
+//! checkpoint, restore, hibernation and migration.
 //!
 //! Data flows containerd → shim (ttrpc, events) → this crate → libcontainer / cgroups /
-//! (later) CRIU and the checkpoint store. The crate owns:
+//! CRIU (through `criu-rpc`) / the checkpoint store. The crate owns:
 //!
 //! - [`container`]: one container, its init and exec processes, and the stock shim's
 //!   state machine (created → running ⇄ paused → stopped);
@@ -12,11 +13,16 @@
 //!   the process that owns the pid;
 //! - [`io`]: stdio as pipes or a pty owned by the shim, copied to containerd's FIFOs;
 //! - [`cgroups`]: host layout (v1, hybrid, v2), stats in containerd's format, OOM;
-//! - [`rootfs`]: mounting the rootfs containerd hands over.
+//! - [`rootfs`]: mounting the rootfs containerd hands over;
+//! - [`checkpoint`]: dump and restore with CRIU, one module per concern (images, mounts,
+//!   network lock, the freezer, CRIU's spawner);
+//! - [`hibernate`]: the per-container hibernation state machine (`policy`, no I/O) and
+//!   the mechanisms it drives (the tree, the network watch, hold and probes);
+//! - [`migrate`]: who is whose replacement when a pod's state moves to another node.
 //!
-//! Freezing idle containers and checkpointing them (hibernation) build on the same
-//! pieces: the v2 cgroup every container gets (also on hybrid hosts), pipes instead of
-//! host fds for stdio, and exit tracking that does not care who spawned a process.
+//! Hibernation builds on the same pieces as the plain container: the v2 cgroup every
+//! container gets (also on hybrid hosts), pipes instead of host fds for stdio, and exit
+//! tracking that does not care who spawned a process.
 
 pub mod cgroups;
 pub mod checkpoint;
@@ -26,6 +32,7 @@ pub mod exits;
 pub mod helper;
 pub mod hibernate;
 pub mod io;
+pub mod migrate;
 pub mod process;
 pub mod rootfs;
 pub mod spawn;
