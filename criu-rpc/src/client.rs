@@ -75,8 +75,6 @@ pub struct Criu {
     spawner: Arc<dyn ChildSpawner>,
     stderr: CriuStderr,
     exit_wait: Duration,
-    /// After a successful answer, do not wait for CRIU's exit.
-    detach_on_success: bool,
 }
 
 impl Default for Criu {
@@ -101,7 +99,6 @@ impl Criu {
             spawner: Arc::new(TokioSpawner),
             stderr: CriuStderr::default(),
             exit_wait: Duration::from_secs(10),
-            detach_on_success: false,
         }
     }
 
@@ -123,16 +120,6 @@ impl Criu {
         self
     }
 
-    /// After a successful answer, return without waiting for the swrk CRIU to exit
-    /// (`criu_exit` is `None`; the spawner's reaper still collects the exit). A restored
-    /// tree runs before CRIU has exited, and the wait adds about a millisecond to a
-    /// restore. After a failure the client still waits, so that a caller cleaning up does
-    /// not race a CRIU that is still exiting.
-    pub fn detach_on_success(mut self, detach: bool) -> Self {
-        self.detach_on_success = detach;
-        self
-    }
-
     /// Where CRIU's stderr goes (default: inherited).
     pub fn stderr(mut self, stderr: CriuStderr) -> Self {
         self.stderr = stderr;
@@ -140,7 +127,9 @@ impl Criu {
     }
 
     /// How long to wait for CRIU to exit after its last answer (default 10 s) before
-    /// returning without its exit status.
+    /// returning without its exit status. Zero: do not wait at all (`criu_exit` is `None`;
+    /// a restored tree runs before CRIU has exited, and waiting adds about a millisecond
+    /// to a restore).
     pub fn exit_wait(mut self, wait: Duration) -> Self {
         self.exit_wait = wait;
         self
@@ -254,12 +243,7 @@ impl Criu {
         tweak(&mut req);
         let log = prepared.as_ref().and_then(|p| p.log.as_ref());
         let result = session.run(req, log, handler).await;
-        let exit = if result.is_ok() && self.detach_on_success {
-            session.detach();
-            None
-        } else {
-            session.close().await
-        };
+        let exit = session.close().await;
         // `prepared` (and the descriptors CRIU opened through /proc) lives until here.
         drop(prepared);
         result.map(|r| (r, exit))

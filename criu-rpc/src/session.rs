@@ -173,11 +173,6 @@ impl Session {
         Ok(ChildExit::from_wait_status(status))
     }
 
-    /// Closes the connection without waiting for a swrk CRIU's exit.
-    pub fn detach(self) {
-        drop(self);
-    }
-
     /// Closes the connection and, for a swrk session, waits (bounded) for CRIU to be
     /// reaped. Returns its exit when known.
     pub async fn close(self) -> Option<ChildExit> {
@@ -189,6 +184,10 @@ impl Session {
         } = self;
         drop(sock);
         let mut child = child?;
+        if exit_wait.is_zero() {
+            // The caller does not wait: the spawner's reaper still collects the exit.
+            return None;
+        }
         let exit = child.exit.take()?;
         match tokio::time::timeout(exit_wait, exit).await {
             Ok(Ok(e)) => {

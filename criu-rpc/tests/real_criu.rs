@@ -308,13 +308,12 @@ async fn dump_kill_then_restore_continues_with_notifications() {
     }
     assert!(last >= 10, "last value before the dump: {last}");
 
-    // Restore with a fresh pipe standing in for the old stdout, as our child, without
-    // waiting for CRIU's exit once it has answered (as the shim's restores do).
+    // Restore with a fresh pipe standing in for the old stdout, as our child.
     let (r, w) = nix::unistd::pipe().expect("pipe");
     let mut restore_events = Recorder::default();
     let restored = step(
         "RESTORE",
-        criu.clone().detach_on_success(true).restore_with_notify(
+        criu.restore_with_notify(
             CriuOptions::new()
                 .images_dir(dir.path())
                 .log_file("restore.log")
@@ -328,10 +327,6 @@ async fn dump_kill_then_restore_continues_with_notifications() {
     .expect("RESTORE");
     eprintln!("restore notifications: {:?}", restore_events.events);
     assert_eq!(restored.pid, pid, "the tree comes back under its pid");
-    assert_eq!(
-        restored.criu_exit, None,
-        "detached: CRIU's exit is not waited for"
-    );
     assert_eq!(restore_events.post_restore_pid, Some(pid));
     // CRIU's order; setup-namespaces only comes for trees with namespaces of their own.
     let ev = &restore_events.events;

@@ -651,12 +651,11 @@ async fn attempt(
 
     let prepared = started.elapsed();
     let spawner = Arc::new(ShimSpawner::new(exits.clone()).after_spawn(join));
-    // The restored tree runs once CRIU answers; its exit is the reaper's to collect. A
-    // failed CRIU is waited for: the undo removes cgroups it is in.
+    // The restored tree runs once CRIU answers; its exit is the reaper's to collect.
     let criu = Criu::with_binary(&cfg.criu.binary)
         .spawner(spawner.clone())
         .stderr(CriuStderr::Null)
-        .detach_on_success(true);
+        .exit_wait(Duration::ZERO);
     // The dump may have left this namespace locked for us (the runtime's lock); CRIU's
     // own lock, if the checkpoint used it, is CRIU's to lift.
     let inherited_lock = match (&external_netns, plan.record.locked_netns) {
