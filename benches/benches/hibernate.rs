@@ -584,10 +584,8 @@ struct Wake {
     criu_ms: Option<f64>,
     criu_forking_ms: Option<f64>,
     criu_restore_ms: Option<f64>,
-    /// Moving CRIU into the container's cgroups (beside CRIU's start).
+    /// Moving CRIU into the container's cgroups, before its request.
     cgroup_join_ms: Option<f64>,
-    /// How long CRIU waited for that move before it forked the tree (inside its restore).
-    cgroup_wait_ms: Option<f64>,
     restore_total_ms: Option<f64>,
 }
 
@@ -704,7 +702,6 @@ fn scaled_down_wakes(b: &Bench, ns: &NetNs, w: &Workload, rounds: usize) -> Resu
                 criu_forking_ms: field(&criu, "criu_forking_ms"),
                 criu_restore_ms: field(&criu, "criu_restore_ms"),
                 cgroup_join_ms: field(&criu, "cgroup_join_ms"),
-                cgroup_wait_ms: field(&criu, "cgroup_wait_ms"),
                 restore_total_ms: field(&criu, "total_ms"),
             });
         }
@@ -961,37 +958,25 @@ fn report_wakes(
     let forking = med_of(&wakes.wakes, |x| x.criu_forking_ms);
     let crestore = med_of(&wakes.wakes, |x| x.criu_restore_ms);
     let join = med_of(&wakes.wakes, |x| x.cgroup_join_ms);
-    let wait = med_of(&wakes.wakes, |x| x.cgroup_wait_ms);
     lines.push(format!(
         "{n:<10} where the wake goes (medians): client {wake:.1} ms = tree restore {tree:.1} \
          (images check {:.1} + restore {total:.1}: prepare {prepare:.1}, CRIU request {criu:.1} \
-         [CRIU forking {forking:.1}, CRIU restore {crestore:.1} (of which waiting for its move \
-         into the cgroups {wait:.1}; the move itself {join:.1}, beside CRIU's start), \
+         [CRIU forking {forking:.1}, CRIU restore {crestore:.1}, CRIU moved into the cgroups {join:.1}, \
          CRIU start/exit {:.1}], finish {:.1}) \
          + the rest {:.1} (the SYN seen, the held packets let through, the app answering); \
          the shim's own record (last_wake_ms, until the hold is gone) {shim:.1} ms",
         tree - total,
-        criu - crestore,
+        criu - crestore - join,
         total - prepare - criu,
         wake - tree,
     ));
     let per: Vec<String> = wakes
         .wakes
         .iter()
-        .map(|x| {
-            let f = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.1}"));
-            format!(
-                "{:.1} ({}/{}/{})",
-                x.client_ms,
-                f(x.cgroup_join_ms),
-                f(x.cgroup_wait_ms),
-                f(x.criu_restore_ms)
-            )
-        })
+        .map(|x| format!("{:.1}", x.client_ms))
         .collect();
     lines.push(format!(
-        "{n:<10} wakes, each round: client ms (the move into the cgroups / CRIU's wait for it / \
-         CRIU restore): {}",
+        "{n:<10} wakes (client ms, each round): {}",
         per.join(" ")
     ));
     let left = match (wakes.memory_running, wakes.memory_asleep) {

@@ -127,9 +127,7 @@ impl Criu {
     }
 
     /// How long to wait for CRIU to exit after its last answer (default 10 s) before
-    /// returning without its exit status. Zero: do not wait at all (`criu_exit` is `None`;
-    /// a restored tree runs before CRIU has exited, and waiting adds about a millisecond
-    /// to a restore).
+    /// returning without its exit status.
     pub fn exit_wait(mut self, wait: Duration) -> Self {
         self.exit_wait = wait;
         self

@@ -184,10 +184,6 @@ impl Session {
         } = self;
         drop(sock);
         let mut child = child?;
-        if exit_wait.is_zero() {
-            // The caller does not wait: the spawner's reaper still collects the exit.
-            return None;
-        }
         let exit = child.exit.take()?;
         match tokio::time::timeout(exit_wait, exit).await {
             Ok(Ok(e)) => {

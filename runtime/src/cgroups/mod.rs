@@ -202,31 +202,6 @@ pub fn join_unified_like_v1(pid: i32) -> Result<()> {
     std::fs::write(&procs, pid.to_string()).map_err(|e| Error::io("join cgroup", &procs, e))
 }
 
-/// Starts the RCU grace period that the next cgroup migration on this node waits for, by
-/// writing the shim's own pid into the v2 cgroup it is already in: a migration that moves
-/// nothing, but takes the kernel's cgroup threadgroup lock for writing all the same.
-///
-/// Without `favordynmods`, the first write to any `cgroup.procs` after a quiet spell waits
-/// for a grace period while it takes that lock (5 to 20 ms on a 2-CPU VM), and writes
-/// within about one more grace period after it do not wait. A wake calls this first thing,
-/// on a blocking thread, so the grace period runs while the restore is prepared and CRIU
-/// starts; CRIU's own move into the container's cgroups then waits only for what is left
-/// of it. A no-op without a v2 hierarchy. Blocks for the grace period.
-pub fn warm_attach_lock() -> Result<()> {
-    let Some(root) = unified_root() else {
-        return Ok(());
-    };
-    let own = "/proc/self/cgroup";
-    let text = std::fs::read_to_string(own).map_err(|e| Error::io("read", Path::new(own), e))?;
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| Error::NotFound(format!("no v2 entry in {own}")))?;
-    let procs = root.join(rel.trim_start_matches('/')).join("cgroup.procs");
-    std::fs::write(&procs, std::process::id().to_string())
-        .map_err(|e| Error::io("rewrite own pid into", &procs, e))
-}
-
 pub(crate) fn read_u64(path: &Path) -> Option<u64> {
     let s = std::fs::read_to_string(path).ok()?;
     let s = s.trim();

@@ -9,21 +9,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criu_rpc::{Criu, CriuOptions, CriuStderr};
-use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
+use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt};
 use libcontainer::config::YoukiConfig;
 use libcontainer::container::ContainerStatus;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use oci_spec::runtime::LinuxNamespaceType;
 use tokio::sync::mpsc::UnboundedSender;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use super::dump::{load_spec, rootfs_of};
 use super::images;
 use super::meta::DumpRecord;
 use super::mounts::{self, MountSource};
 use super::netlock::LockWatch;
-use super::spawner::{AfterSpawn, JoinBeforeFork, ShimSpawner};
+use super::spawner::{AfterSpawn, ShimSpawner};
 use super::stats;
 use super::{CheckpointError, CriuConfig, EXT_NET_NS_KEY, EXT_PID_NS_KEY, RESTORE_LOG};
 use crate::cgroups;
@@ -157,9 +157,7 @@ struct Undo {
     criu_root: Option<PathBuf>,
     /// Fresh tmpfs mounts CRIU binds into the container (see [`FRESH_TMPFS`]).
     fresh_tmpfs: Vec<PathBuf>,
-    /// The cgroups a new container's restore made (v1 or v2 by the manager, and on a hybrid
-    /// host the v2 mirror).
-    cgroups: Option<(CgroupConfig, Option<PathBuf>)>,
+    cgroups: Option<(Arc<AnyCgroupManager>, Option<PathBuf>)>,
     io: Option<ProcessIo>,
     restored: Option<(i32, tokio::sync::oneshot::Receiver<i32>)>,
 }
@@ -187,14 +185,9 @@ impl Undo {
         if self.keep_container {
             return;
         }
-        if let Some((config, unified)) = self.cgroups.take() {
-            match libcgroups::common::create_cgroup_manager(config) {
-                Ok(manager) => {
-                    if let Err(e) = manager.remove() {
-                        warn!("remove cgroups of failed restore: {e}");
-                    }
-                }
-                Err(e) => warn!("remove cgroups of failed restore: cgroup manager: {e}"),
+        if let Some((manager, unified)) = self.cgroups.take() {
+            if let Err(e) = manager.remove() {
+                warn!("remove cgroups of failed restore: {e}");
             }
             if let Some(dir) = unified {
                 let _ = std::fs::remove_dir(dir);
@@ -336,17 +329,22 @@ fn new_state_dir(cfg: &RestoreConfig, undo: &mut Undo) -> Result<PathBuf> {
 }
 
 /// The container's cgroups (made from the spec, with its limits, or the ones a hibernated
-/// container kept), and what joins CRIU to them the moment it is spawned. libcgroups reads
-/// the mount table to find the hierarchies (about 2 ms on a hybrid host), so the manager
-/// is made in the hook, beside CRIU's start, not before it.
+/// container kept), and what joins CRIU to them the moment it is spawned.
 fn cgroups_for(id: &str, plan: &Plan, undo: &mut Undo) -> Result<AfterSpawn> {
     let cgroup_path = plan.youki.cgroup_path.clone();
+    let manager = Arc::new(
+        libcgroups::common::create_cgroup_manager(CgroupConfig {
+            cgroup_path: cgroup_path.clone(),
+            systemd_cgroup: false,
+            container_name: id.to_string(),
+        })
+        .map_err(|e| CheckpointError::runtime(id, "cgroup manager", e))?,
+    );
     let unified_dir = match cgroups::mode() {
         cgroups::Mode::Hybrid => cgroups::unified_root().map(|r| join_rel(r, &cgroup_path)),
         _ => None,
     };
-    undo.cgroups = Some((cgroup_config(id, &cgroup_path), unified_dir));
-    let config = cgroup_config(id, &cgroup_path);
+    undo.cgroups = Some((manager.clone(), unified_dir));
     let resources = plan
         .spec
         .linux()
@@ -354,8 +352,6 @@ fn cgroups_for(id: &str, plan: &Plan, undo: &mut Undo) -> Result<AfterSpawn> {
         .and_then(|l| l.resources().clone())
         .unwrap_or_default();
     Ok(Arc::new(move |pid| {
-        let manager = libcgroups::common::create_cgroup_manager(config.clone())
-            .map_err(std::io::Error::other)?;
         manager
             .add_task(Pid::from_raw(pid))
             .map_err(std::io::Error::other)?;
@@ -373,14 +369,6 @@ fn cgroups_for(id: &str, plan: &Plan, undo: &mut Undo) -> Result<AfterSpawn> {
             .map_err(std::io::Error::other)?;
         cgroups::join_unified_like_v1(pid).map_err(std::io::Error::other)
     }))
-}
-
-fn cgroup_config(id: &str, cgroup_path: &Path) -> CgroupConfig {
-    CgroupConfig {
-        cgroup_path: cgroup_path.to_path_buf(),
-        systemd_cgroup: false,
-        container_name: id.to_string(),
-    }
 }
 
 /// CRIU's root, which must be a mount point: the rootfs containerd had us mount is one; a
@@ -623,13 +611,6 @@ async fn attempt(
     undo: &mut Undo,
 ) -> Result<RestoredTree> {
     let started = Instant::now();
-    // The grace period CRIU's move into the cgroups would wait for starts now, beside the
-    // preparation and CRIU's start (see `cgroups::warm_attach_lock`).
-    tokio::task::spawn_blocking(|| {
-        if let Err(e) = cgroups::warm_attach_lock() {
-            debug!(error = %e, "warm the cgroup attach lock");
-        }
-    });
     let id = cfg.create.id.as_str();
     let bundle = &cfg.create.bundle;
     let plan = Plan::load(cfg)?;
@@ -651,11 +632,9 @@ async fn attempt(
 
     let prepared = started.elapsed();
     let spawner = Arc::new(ShimSpawner::new(exits.clone()).after_spawn(join));
-    // The restored tree runs once CRIU answers; its exit is the reaper's to collect.
     let criu = Criu::with_binary(&cfg.criu.binary)
         .spawner(spawner.clone())
-        .stderr(CriuStderr::Null)
-        .exit_wait(Duration::ZERO);
+        .stderr(CriuStderr::Null);
     // The dump may have left this namespace locked for us (the runtime's lock); CRIU's
     // own lock, if the checkpoint used it, is CRIU's to lift.
     let inherited_lock = match (&external_netns, plan.record.locked_netns) {
@@ -667,33 +646,23 @@ async fn attempt(
         handler = handler.inherit_lock();
     }
     let criu_started = Instant::now();
-    let mut gate = JoinBeforeFork::new(&spawner, &mut handler);
-    let result =
-        match tokio::time::timeout(cfg.criu.timeout, criu.restore_with_notify(opts, &mut gate))
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => {
-                spawner.kill_all();
-                Err(super::timed_out(cfg.criu.timeout))
-            }
-        };
-    let join_waited = gate.waited();
-    // A move still under way when CRIU failed early must end before the undo removes the
-    // cgroups it writes to; its failure is the reason CRIU was killed.
-    let joined = spawner.hook_done().await;
-    let outcome = match (result, joined) {
-        (Ok(o), _) => o,
-        (Err(source), joined) => {
+    let result = match tokio::time::timeout(
+        cfg.criu.timeout,
+        criu.restore_with_notify(opts, &mut handler),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => {
+            spawner.kill_all();
+            Err(super::timed_out(cfg.criu.timeout))
+        }
+    };
+    let outcome = match result {
+        Ok(o) => o,
+        Err(source) => {
             // A restore into an existing (pod) network namespace must not leave it locked.
             handler.release().await;
-            if let Err(e) = joined {
-                return Err(CheckpointError::runtime(
-                    id,
-                    "move CRIU into the container's cgroups",
-                    e,
-                ));
-            }
             return Err(CheckpointError::criu(
                 id,
                 "restore",
@@ -753,7 +722,6 @@ async fn attempt(
         prepare_ms = ms(prepared),
         criu_ms = ms(criu_elapsed),
         cgroup_join_ms = spawner.hook_time().map(ms),
-        cgroup_wait_ms = ms(join_waited),
         criu_forking_ms = phases.map(|p| ms(p.forking)),
         criu_restore_ms = phases.map(|p| ms(p.restore)),
         total_ms = ms(started.elapsed()),
